@@ -1,0 +1,474 @@
+"""Training/eval batches from webdataset shards: DALI (GPU or CPU decode) or torch + PIL.
+
+    loader = build_loader(shards, batch_size=256, image_size=224, tokenize=tokenizer,
+                          device="cuda", dtype=torch.bfloat16, rank=rank, world_size=world)
+    for epoch in range(epochs):
+        loader.set_epoch(epoch)
+        for images, tokens in loader:   # (B, 3, 224, 224) bf16 on cuda, (B, 77) int64
+            ...
+
+Both backends read the same shard indexes (see shards.py) and split an epoch the same way:
+
+  1. the shard order is shuffled per epoch (train) with a seed every rank shares;
+  2. the concatenated sample list is cut into `world_size` contiguous slices, rank r
+     taking samples [floor(r N / W), floor((r+1) N / W)) -- DALI's own reader split, so
+     every sample is read exactly once per epoch across ranks;
+  3. samples are shuffled within the slice: DALI's reader shuffles through a buffer
+     filled with `shuffle_buffer` samples, the torch path permutes the slice.
+
+DALI pads a rank's last batch with repeats of its last sample (`pad_last_batch`); the
+padding is cut off here, so eval sees every sample once. With `drop_last` (the default
+for training) every rank yields floor(floor(N / W) / B) full batches: equal counts on
+every rank, which collective losses need.
+
+Transforms (open_clip's): train = random resized crop (scale 0.9-1.0, aspect 3/4-4/3) to
+image_size, bicubic; eval = bicubic resize of the shorter side to image_size, centre
+crop. Then CLIP's mean/std normalisation, CHW, `dtype`, on `device`.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections import Counter
+from dataclasses import dataclass, field
+from typing import Callable, Iterator
+
+import numpy as np
+import torch
+
+from .._backend import warn_once
+from .shards import ShardIndex, expand_shards, load_shard_indexes
+
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
+BACKENDS = ("auto", "dali", "torch")
+log = logging.getLogger("clip_fast.data")
+
+
+@dataclass
+class LoaderStats:
+    """What a loader reads and what it had to leave out.
+
+    samples: good samples in the whole shard list (all ranks); rank_samples: this rank's
+    share in the current epoch; skipped: samples left out when the shards were indexed,
+    by reason (corrupt_image, missing_caption, empty_caption, bad_caption_encoding,
+    missing_image, truncated_shard); decode_errors: images that still failed to decode
+    at run time (torch path; each is replaced by the next sample of the list).
+    """
+
+    samples: int
+    rank_samples: int
+    skipped: Counter = field(default_factory=Counter)
+    decode_errors: int = 0
+
+    @property
+    def total_skipped(self) -> int:
+        return sum(self.skipped.values()) + self.decode_errors
+
+
+def dali_available() -> bool:
+    try:
+        import nvidia.dali  # noqa: F401
+    except Exception:  # ImportError, or a broken install failing to load its libraries
+        return False
+    return True
+
+
+def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> CLIP-normalised (B, 3, H, W) in `dtype` (on images' device).
+
+    `(x / 255 - mean) / std` folded into one multiply-add per element, computed in fp32.
+    """
+    scale = torch.tensor([1.0 / (255.0 * s) for s in CLIP_STD], device=images.device).view(1, 3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(CLIP_MEAN, CLIP_STD)], device=images.device).view(1, 3, 1, 1)
+    x = images.permute(0, 3, 1, 2).float()  # (B, 3, H, W), channels-last strides
+    return torch.addcmul(shift, x, scale).to(dtype).contiguous()
+
+
+# ----------------------------------------------------------------- PIL transforms (torch path)
+def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
+                            scale: tuple[float, float] = (0.9, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
+    """torchvision's RandomResizedCrop parameters: (left, top, w, h) of the crop."""
+    area = width * height
+    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
+    for _ in range(10):
+        target_area = area * rng.uniform(*scale)
+        aspect = math.exp(rng.uniform(*log_ratio))
+        w = int(round(math.sqrt(target_area * aspect)))
+        h = int(round(math.sqrt(target_area / aspect)))
+        if 0 < w <= width and 0 < h <= height:
+            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
+    # Fallback: the whole image, clamped to the allowed aspect range, centred.
+    in_ratio = width / height
+    if in_ratio < ratio[0]:
+        w, h = width, int(round(width / ratio[0]))
+    elif in_ratio > ratio[1]:
+        w, h = int(round(height * ratio[1])), height
+    else:
+        w, h = width, height
+    return (width - w) // 2, (height - h) // 2, w, h
+
+
+def pil_transform(img, image_size: int, train: bool, rng: np.random.Generator | None = None) -> np.ndarray:
+    """open_clip's image transform on a PIL image, up to the uint8 (S, S, 3) array."""
+    from PIL import Image
+
+    img = img.convert("RGB")
+    s = image_size
+    if train:
+        left, top, w, h = random_resized_crop_box(img.width, img.height, rng)
+        # One resample of the box: what crop-then-resize computes, without the copy.
+        img = img.resize((s, s), Image.BICUBIC, box=(left, top, left + w, top + h))
+    else:
+        w, h = img.size
+        short, long = (w, h) if w <= h else (h, w)
+        new_short, new_long = s, int(s * long / short)  # torchvision Resize(int) rounding
+        nw, nh = (new_short, new_long) if w <= h else (new_long, new_short)
+        if (nw, nh) != (w, h):
+            img = img.resize((nw, nh), Image.BICUBIC)
+        top, left = int(round((nh - s) / 2.0)), int(round((nw - s) / 2.0))  # torchvision CenterCrop
+        img = img.crop((left, top, left + s, top + s))
+    return np.asarray(img, dtype=np.uint8)
+
+
+class _ShardDataset(torch.utils.data.Dataset):
+    """Map-style view over every indexed sample; reads with os.pread (no tar parsing)."""
+
+    def __init__(self, shards: list[ShardIndex], image_size: int, train: bool, seed: int) -> None:
+        self.paths = [s.path for s in shards]
+        self.shard_of = np.concatenate([np.full(len(s), i, dtype=np.int32) for i, s in enumerate(shards)])
+        self.offsets = np.concatenate([s.offsets for s in shards])  # (N, 4)
+        self.image_size, self.train, self.seed, self.epoch = image_size, train, seed, 0
+        self._fds: dict[int, int] = {}
+        self._pid = -1
+
+    def __len__(self) -> int:
+        return len(self.offsets)
+
+    def _read(self, shard: int, offset: int, size: int) -> bytes:
+        if self._pid != os.getpid():  # fresh descriptors in each worker process
+            self._fds, self._pid = {}, os.getpid()
+        fd = self._fds.get(shard)
+        if fd is None:
+            fd = self._fds[shard] = os.open(self.paths[shard], os.O_RDONLY)
+        return os.pread(fd, size, offset)
+
+    def load(self, i: int) -> tuple[np.ndarray, str]:
+        from PIL import Image
+        import io
+
+        shard = int(self.shard_of[i])
+        img_off, img_size, txt_off, txt_size = (int(v) for v in self.offsets[i])
+        caption = self._read(shard, txt_off, txt_size).decode("utf-8")
+        # Per-sample generator: crops depend on (seed, epoch, sample), not on which worker ran it.
+        rng = np.random.default_rng([self.seed, self.epoch, i]) if self.train else None
+        with Image.open(io.BytesIO(self._read(shard, img_off, img_size))) as img:
+            return pil_transform(img, self.image_size, self.train, rng), caption
+
+    def __getitem__(self, i: int) -> tuple[np.ndarray, str, int]:
+        # A sample that fails now (its shard changed since indexing) is replaced by the
+        # next one, so batches keep their size; failures are counted.
+        for tries in range(len(self)):
+            try:
+                img, caption = self.load((i + tries) % len(self))
+                return img, caption, tries
+            except Exception as e:  # PIL/OS errors of every kind
+                log.debug("sample %d failed to load: %s", (i + tries) % len(self), e)
+        raise RuntimeError("no sample of the shard list could be decoded")
+
+
+class _Collate:
+    """Stack uint8 images, tokenise captions (in the worker); normalise when on CPU."""
+
+    def __init__(self, tokenize: Callable, normalize_dtype: torch.dtype | None) -> None:
+        self.tokenize, self.normalize_dtype = tokenize, normalize_dtype
+
+    def __call__(self, batch):
+        images = torch.from_numpy(np.stack([b[0] for b in batch]))  # (B, H, W, 3) uint8
+        tokens = self.tokenize([b[1] for b in batch])
+        if self.normalize_dtype is not None:
+            images = normalize(images, self.normalize_dtype)
+        return images, tokens, sum(b[2] for b in batch)
+
+
+# ------------------------------------------------------------------------- loader classes
+class ShardLoader:
+    """Iterable over (images, tokens) batches; `len()` = batches per epoch on this rank."""
+
+    backend = "base"
+
+    def __init__(self, shards: list[ShardIndex], batch_size: int, image_size: int, tokenize: Callable,
+                 train: bool, rank: int, world_size: int, device: torch.device, dtype: torch.dtype,
+                 num_workers: int, seed: int, drop_last: bool, shuffle_buffer: int) -> None:
+        self.shards = shards
+        self.batch_size, self.image_size, self.tokenize, self.train = batch_size, image_size, tokenize, train
+        self.rank, self.world_size, self.device, self.dtype = rank, world_size, device, dtype
+        self.num_workers, self.seed, self.drop_last, self.shuffle_buffer = num_workers, seed, drop_last, shuffle_buffer
+        self.epoch = 0
+        self.num_samples = sum(len(s) for s in shards)
+        skipped: Counter = Counter()
+        for s in shards:
+            skipped.update(s.skipped)
+        self.stats = LoaderStats(self.num_samples, 0, skipped)
+        self.stats.rank_samples = self._plan(0)[2]
+
+    def set_epoch(self, epoch: int) -> None:
+        """Select the epoch (shuffling and crops are a function of (seed, epoch, rank)).
+
+        Without calls, each complete pass moves to the next epoch by itself."""
+        if not isinstance(epoch, int) or epoch < 0:
+            raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
+        self.epoch = epoch
+        self.stats.rank_samples = self._plan(epoch)[2]
+
+    def _plan(self, epoch: int) -> tuple[list[int], int, int]:
+        """(shard order, first sample of this rank's slice, slice length) for `epoch`."""
+        order = list(range(len(self.shards)))
+        if self.train:
+            np.random.default_rng([self.seed, epoch]).shuffle(order)
+        order = [i for i in order if len(self.shards[i])]  # DALI rejects empty indexes
+        n, w, r = self.num_samples, self.world_size, self.rank
+        start, stop = r * n // w, (r + 1) * n // w
+        return order, start, stop - start
+
+    def __len__(self) -> int:
+        if self.drop_last:  # the same on every rank: the smallest slice is floor(N / W)
+            return (self.num_samples // self.world_size) // self.batch_size
+        return -(-self._plan(self.epoch)[2] // self.batch_size)
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        epoch = self.epoch
+        yield from self._iterate(epoch)
+        self.epoch = epoch + 1
+        self.stats.rank_samples = self._plan(self.epoch)[2]
+
+    def _iterate(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        raise NotImplementedError
+
+    def __repr__(self) -> str:
+        return (f"{type(self).__name__}(samples={self.num_samples}, shards={len(self.shards)}, batch_size={self.batch_size}, "
+                f"image_size={self.image_size}, train={self.train}, rank={self.rank}/{self.world_size}, device={self.device})")
+
+
+class TorchShardLoader(ShardLoader):
+    """torch DataLoader + PIL over the shard indexes (the fallback when DALI is missing)."""
+
+    backend = "torch"
+
+    def _iterate(self, epoch: int):
+        order, start, count = self._plan(epoch)
+        dataset = _ShardDataset([self.shards[i] for i in order], self.image_size, self.train, self.seed)
+        dataset.epoch = epoch
+        indices = np.arange(start, start + count)
+        if self.train:
+            np.random.default_rng([self.seed, epoch, self.rank, 1]).shuffle(indices)
+        batches = [indices[i : i + self.batch_size].tolist() for i in range(0, count, self.batch_size)][: len(self)]
+        if not batches:
+            return
+        on_cpu = self.device.type == "cpu"
+        loader = torch.utils.data.DataLoader(
+            dataset,
+            batch_sampler=batches,
+            num_workers=self.num_workers,
+            # On CPU the workers normalise (parallel); for a GPU they ship uint8 (4x fewer
+            # bytes over PCIe) and the GPU normalises.
+            collate_fn=_Collate(self.tokenize, self.dtype if on_cpu else None),
+            pin_memory=not on_cpu,
+            prefetch_factor=4 if self.num_workers > 0 else None,
+            timeout=600 if self.num_workers > 0 else 0,  # a dead worker raises, never hangs
+        )
+        for images, tokens, errors in loader:
+            if errors:
+                self.stats.decode_errors += errors
+                log.warning("clip_fast.data: %d image(s) failed to decode and were replaced (%d so far)", errors, self.stats.decode_errors)
+            images = images.to(self.device, non_blocking=True)
+            if not on_cpu:
+                images = normalize(images, self.dtype)
+            yield images, tokens.to(self.device, non_blocking=True)
+
+
+class DaliShardLoader(ShardLoader):
+    """DALI pipeline: webdataset reader, decode on GPU ('mixed', nvJPEG + hardware
+    decoder) or on CPU (device_id=None), crop/resize/normalise inside DALI."""
+
+    backend = "dali"
+
+    def _out_type(self):
+        from nvidia.dali import types
+
+        # DALI has no bf16: produce fp16 (the normalised range is about [-2, 2.2], where fp16
+        # is finer than bf16) and cast on the device. CPU keeps fp32 (CPU halves are slow).
+        if self.device.type == "cuda" and self.dtype in (torch.float16, torch.bfloat16):
+            return types.FLOAT16, torch.float16
+        return types.FLOAT, torch.float32
+
+    def build_pipeline(self, epoch: int, order: list[int]):
+        from nvidia.dali import fn, math as dmath, types
+        from nvidia.dali.pipeline import Pipeline
+
+        s = self.image_size
+        device_id = None if self.device.type == "cpu" else (self.device.index if self.device.index is not None else torch.cuda.current_device())
+        seed = int(np.random.default_rng([self.seed, epoch, self.rank, 2]).integers(2**31 - 1))
+        pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, self.num_workers), device_id=device_id,
+                        seed=seed, prefetch_queue_depth=2)
+        decode_device = "cpu" if device_id is None else "mixed"
+        with pipe:
+            images, captions = fn.readers.webdataset(
+                paths=[self.shards[i].path for i in order],
+                index_paths=[self.shards[i].index_path for i in order],
+                ext=["jpg;jpeg;png;webp", "txt"],
+                missing_component_behavior="error",  # indexes list complete samples only
+                shard_id=self.rank,
+                num_shards=self.world_size,
+                random_shuffle=self.train,
+                initial_fill=self.shuffle_buffer,
+                pad_last_batch=True,  # exact epochs: the last batch is padded, we cut the padding
+                stick_to_shard=True,
+                name="reader",
+            )
+            if self.train:
+                # Decode only the random crop (ROI decode), then resize it to S x S.
+                images = fn.decoders.image_random_crop(
+                    images, device=decode_device, output_type=types.RGB,
+                    random_area=[0.9, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
+                )
+                images = fn.resize(images, resize_x=s, resize_y=s, interp_type=types.INTERP_CUBIC, antialias=True)
+            else:
+                # Output size computed like torchvision's Resize(int): shorter side -> S,
+                # longer side -> floor(S * long / short).
+                shape = fn.peek_image_shape(images)  # (H, W, C) from the header
+                h, w = shape[0], shape[1]
+                short = dmath.min(h, w)
+                images = fn.decoders.image(images, device=decode_device, output_type=types.RGB)
+                images = fn.resize(
+                    images,
+                    resize_x=fn.cast(s * w // short, dtype=types.FLOAT),
+                    resize_y=fn.cast(s * h // short, dtype=types.FLOAT),
+                    interp_type=types.INTERP_CUBIC, antialias=True,
+                )
+            images = fn.crop_mirror_normalize(
+                images, dtype=self._out_type()[0], output_layout="CHW", crop=(s, s), crop_pos_x=0.5, crop_pos_y=0.5,
+                mean=[255 * m for m in CLIP_MEAN], std=[255 * v for v in CLIP_STD],
+            )
+            pipe.set_outputs(images, captions)
+        pipe.build()
+        return pipe
+
+    def _iterate(self, epoch: int):
+        from nvidia.dali.plugin.pytorch import feed_ndarray
+
+        order, _, count = self._plan(epoch)
+        n_batches = len(self)
+        if n_batches == 0:
+            return
+        pipe = self.build_pipeline(epoch, order)
+        meta = pipe.reader_meta("reader")
+        if meta["epoch_size"] != self.num_samples:
+            raise RuntimeError(f"DALI reader sees {meta['epoch_size']} samples, the indexes list {self.num_samples}")
+        out_dtype = self._out_type()[1]
+        stream = torch.cuda.current_stream(self.device) if self.device.type == "cuda" else None
+        try:
+            for b in range(n_batches):
+                try:
+                    images_dali, captions_dali = pipe.run()
+                except RuntimeError as e:
+                    raise RuntimeError(
+                        "DALI pipeline failed (a shard changed since it was indexed?). Re-index with "
+                        "verify_images=True or use backend='torch', which skips undecodable images: " + str(e).split("\n")[0]
+                    ) from e
+                k = min(self.batch_size, count - b * self.batch_size)  # cut pad_last_batch padding
+                tensor = images_dali.as_tensor()
+                images = torch.empty(tensor.shape(), dtype=out_dtype, device=self.device)
+                feed_ndarray(tensor, images, cuda_stream=stream)
+                captions = [np.array(captions_dali[i]).tobytes().decode("utf-8") for i in range(k)]
+                tokens = self.tokenize(captions)
+                yield images[:k].to(self.dtype), tokens.to(self.device, non_blocking=True)
+        finally:
+            del pipe
+
+
+# ----------------------------------------------------------------------------- factory
+def build_loader(
+    shards: list[str] | str,
+    batch_size: int,
+    image_size: int,
+    tokenize: Callable[[list[str]], torch.Tensor],
+    train: bool = True,
+    backend: str = "auto",
+    rank: int = 0,
+    world_size: int = 1,
+    device: str | torch.device = "cpu",
+    dtype: torch.dtype = torch.float32,
+    num_workers: int = 2,
+    seed: int = 0,
+    drop_last: bool | None = None,
+    shuffle_buffer: int = 1024,
+    verify_images: bool | None = None,
+) -> ShardLoader:
+    """Build a loader over webdataset shards (see the module docstring for the semantics).
+
+    Args:
+        shards: tar paths (a list, a glob, or 'dir/shard-{000000..000009}.tar').
+        tokenize: captions -> (n, context_length) int64, e.g. a `Tokenizer`.
+        backend: "auto" (DALI when installed and working, else torch), "dali" or "torch".
+        rank, world_size: this process's slice of every epoch.
+        device, dtype: where and in which floating dtype images are returned.
+        num_workers: DataLoader workers (torch) or DALI CPU threads.
+        drop_last: defaults to `train`.
+        shuffle_buffer: DALI reader shuffle buffer (samples) for training.
+        verify_images: see `shards.load_shard_index`.
+    """
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
+    for name, value in (("batch_size", batch_size), ("image_size", image_size), ("world_size", world_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be a non-negative int, got {num_workers!r}")
+    if not callable(tokenize):
+        raise TypeError("tokenize must be callable: list[str] -> LongTensor (n, context_length)")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be a cpu or cuda device, got {device}")
+    paths = expand_shards(shards)
+    if not paths:
+        raise ValueError("shards is empty: give at least one .tar shard")
+    drop_last = train if drop_last is None else drop_last
+
+    indexes = load_shard_indexes(paths, verify_images=verify_images, num_threads=max(1, num_workers))
+    total = sum(len(s) for s in indexes)
+    skipped: Counter = Counter()
+    for s in indexes:
+        skipped.update(s.skipped)
+    if skipped:
+        log.warning("clip_fast.data: skipped %d sample(s) in %d shard(s): %s", sum(skipped.values()), len(paths), dict(skipped))
+    if total == 0:
+        raise ValueError(f"no readable samples in {len(paths)} shard(s) (skipped: {dict(skipped)})")
+    if drop_last and (total // world_size) // batch_size == 0:
+        raise ValueError(
+            f"batch_size={batch_size} is larger than this rank's share of the data "
+            f"({total // world_size} samples = {total} / world_size {world_size}) with drop_last=True"
+        )
+
+    args = (indexes, batch_size, image_size, tokenize, train, rank, world_size, device, dtype, num_workers, seed, drop_last, shuffle_buffer)
+    if backend == "torch":
+        return TorchShardLoader(*args)
+    if backend == "dali":
+        if not dali_available():
+            raise RuntimeError("backend='dali' but nvidia-dali is not installed (pip install nvidia-dali-cuda120)")
+        return DaliShardLoader(*args)
+    if not dali_available():
+        warn_once("nvidia-dali is not installed: data loading uses the torch/PIL path")
+        return TorchShardLoader(*args)
+    loader = DaliShardLoader(*args)
+    try:  # a DALI that imports but cannot run here (driver, libraries) must not stop training
+        loader.build_pipeline(0, loader._plan(0)[0])
+    except Exception as e:
+        warn_once(f"DALI pipeline could not be built ({type(e).__name__}: {e}); using the torch/PIL path")
+        return TorchShardLoader(*args)
+    return loader
