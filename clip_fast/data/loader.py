@@ -334,21 +334,29 @@ class DaliShardLoader(ShardLoader):
                     random_area=[0.9, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
                 )
                 images = fn.resize(images, resize_x=s, resize_y=s, interp_type=types.INTERP_CUBIC, antialias=True)
+                crop_pos = [0.5, 0.5]  # already S x S
             else:
                 # Output size computed like torchvision's Resize(int): shorter side -> S,
                 # longer side -> floor(S * long / short).
                 shape = fn.peek_image_shape(images)  # (H, W, C) from the header
                 h, w = shape[0], shape[1]
                 short = dmath.min(h, w)
+                new_h, new_w = s * h // short, s * w // short
                 images = fn.decoders.image(images, device=decode_device, output_type=types.RGB)
                 images = fn.resize(
                     images,
-                    resize_x=fn.cast(s * w // short, dtype=types.FLOAT),
-                    resize_y=fn.cast(s * h // short, dtype=types.FLOAT),
+                    resize_x=fn.cast(new_w, dtype=types.FLOAT),
+                    resize_y=fn.cast(new_h, dtype=types.FLOAT),
                     interp_type=types.INTERP_CUBIC, antialias=True,
                 )
+                # Centre-crop offsets like torchvision: round((new - S) / 2) with Python's
+                # round-half-to-even (DALI's own centring rounds halves up: a one-pixel
+                # shift for odd margins). Passed as a relative position DALI maps back to
+                # exactly this integer.
+                crop_pos = [_half_even_half(new_h - s), _half_even_half(new_w - s)]
             images = fn.crop_mirror_normalize(
-                images, dtype=self._out_type()[0], output_layout="CHW", crop=(s, s), crop_pos_x=0.5, crop_pos_y=0.5,
+                images, dtype=self._out_type()[0], output_layout="CHW", crop=(s, s),
+                crop_pos_y=crop_pos[0], crop_pos_x=crop_pos[1],
                 mean=[255 * m for m in CLIP_MEAN], std=[255 * v for v in CLIP_STD],
             )
             pipe.set_outputs(images, captions)
@@ -386,6 +394,17 @@ class DaliShardLoader(ShardLoader):
                 yield images[:k].to(self.dtype), tokens.to(self.device, non_blocking=True)
         finally:
             del pipe
+
+
+def _half_even_half(margin):
+    """DALI graph: relative crop position whose anchor is round_half_even(margin / 2)."""
+    from nvidia.dali import fn, math as dmath, types
+
+    half = margin // 2
+    odd = margin - 2 * half
+    # margin odd: halves tie between `half` and `half + 1`; round to the even one.
+    anchor = half + odd * (half - 2 * (half // 2))
+    return fn.cast(anchor, dtype=types.FLOAT) / fn.cast(dmath.max(margin, 1), dtype=types.FLOAT)
 
 
 # ----------------------------------------------------------------------------- factory

@@ -222,15 +222,16 @@ def scan_shard(path: str | os.PathLike, verify_images: bool = True) -> tuple[lis
     size = os.path.getsize(path)
     groups: list[tuple[str, dict[str, tarfile.TarInfo]]] = []
     skipped: Counter = Counter()
+    end = 0  # where the last complete member's data (padded to 512-byte blocks) ends
     with open(path, "rb") as f:
         try:
             with tarfile.open(fileobj=f, mode="r:") as tf:
                 for m in tf:
+                    if m.offset_data + m.size > size:
+                        break  # cut inside this member's data
+                    end = m.offset_data + -(-m.size // 512) * 512
                     if not m.isfile():
                         continue
-                    if m.offset_data + m.size > size:
-                        skipped["truncated_shard"] += 1
-                        break
                     key, ext = _split_name(m.name)
                     if not key or key.endswith("/") or os.path.basename(key).startswith("."):
                         continue
@@ -240,6 +241,10 @@ def scan_shard(path: str | os.PathLike, verify_images: bool = True) -> tuple[lis
         except (tarfile.ReadError, EOFError, OSError):
             if not groups:
                 raise ValueError(f"{path}: not a readable tar file") from None
+        # A complete tar ends with zero blocks after its last member; tarfile stops quietly
+        # at the end of a file cut anywhere, so check for them.
+        tail = os.pread(f.fileno(), 512, end)
+        if len(tail) < 512 or any(tail):
             skipped["truncated_shard"] += 1
         entries = []
         for key, comps in groups:

@@ -76,7 +76,7 @@ def _pipeline(model):
     """A `tokenizers.Tokenizer` around `model` with OpenAI's pre-tokenisation."""
     from tokenizers import Regex
     from tokenizers import Tokenizer as _RustTokenizer
-    from tokenizers import decoders, pre_tokenizers
+    from tokenizers import pre_tokenizers
 
     tok = _RustTokenizer(model)
     # Keep the regex matches (invert=True) and drop what lies between them (whitespace),
@@ -88,7 +88,6 @@ def _pipeline(model):
             pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=False),
         ]
     )
-    tok.decoder = decoders.BPEDecoder(suffix="</w>")
     return tok
 
 
@@ -160,25 +159,34 @@ class Tokenizer:
         encodes), merges, SOT and EOT. A small corpus may stop early: read the final size
         from `.vocab_size` and build the text tower with it.
         """
-        from tokenizers import pre_tokenizers, trainers
+        from tokenizers import trainers
         from tokenizers.models import BPE
 
         if isinstance(captions, str):
             raise TypeError("captions must be an iterable of strings, not one string")
         min_size = 256 + 2 * 256 + 2
         if not isinstance(vocab_size, int) or vocab_size < min_size:
-            raise ValueError(f"vocab_size must be an int >= {min_size} (bytes with and without </w>, SOT, EOT), got {vocab_size!r}")
+            raise ValueError(f"vocab_size must be an int >= {min_size} (merges beyond the 512 byte symbols, SOT, EOT), got {vocab_size!r}")
+        symbols = list(_bytes_to_unicode().values())
         tok = _pipeline(BPE(end_of_word_suffix="</w>", unk_token=None, fuse_unk=False))
         trainer = trainers.BpeTrainer(
-            vocab_size=vocab_size - 2,  # SOT and EOT are appended after training
+            # Room for SOT/EOT and for the word-final byte symbols added below.
+            vocab_size=vocab_size - 2 - 256,
             min_frequency=min_frequency,
             show_progress=False,
             special_tokens=[],
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+            initial_alphabet=symbols,
             end_of_word_suffix="</w>",
         )
-        cleaned = (clean_text(c) for c in captions)
-        tok.train_from_iterator(cleaned, trainer=trainer)
+        tok.train_from_iterator((clean_text(c) for c in captions), trainer=trainer)
+        # The trainer adds a word-final symbol ("x</w>") only when the corpus ends a word
+        # with it; without all 256 of them a one-byte word never seen in training (an "&",
+        # a digit) would have no id and vanish. OpenAI's vocabulary has all 512.
+        model = json.loads(tok.to_str())["model"]
+        vocab, merges = model["vocab"], [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+        for token in symbols + [sym + "</w>" for sym in symbols]:
+            vocab.setdefault(token, len(vocab))
+        tok = _pipeline(BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", unk_token=None, fuse_unk=False))
         # Added tokens take the next free ids, so SOT = V-2 and EOT = V-1: EOT is the
         # largest id, as in OpenAI's vocabulary.
         tok.add_special_tokens([SOT_TOKEN, EOT_TOKEN])
@@ -220,8 +228,11 @@ class Tokenizer:
         ids = [int(i) for i in ids]
         if self.eot_token_id in ids:
             ids = ids[: ids.index(self.eot_token_id)]
-        ids = [i for i in ids if i != self.sot_token_id]
-        return self._tok.decode(ids, skip_special_tokens=True)
+        symbols = "".join(self._tok.id_to_token(i) for i in ids if i != self.sot_token_id)
+        to_byte = {c: b for b, c in _bytes_to_unicode().items()}
+        words = symbols.split("</w>")
+        data = b" ".join(bytes(to_byte[c] for c in w) for w in words)
+        return data.decode("utf-8", errors="replace").strip()
 
     def __call__(self, texts: str | list[str], context_length: int | None = None) -> torch.LongTensor:
         """Tokenise `texts` into a (N, context_length) int64 tensor, rows `[SOT] ids [EOT] 0...`."""
