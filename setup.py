@@ -35,7 +35,9 @@ if os.environ.get("CLIP_FAST_BUILD_EXT", "1") != "0":
                 CppExtension(
                     "clip_fast._C",
                     cpp_sources,
-                    extra_compile_args=["-O3", "-fopenmp"],
+                    include_dirs=[os.path.abspath("csrc")],
+                    # Same flags as clip_fast/_ext.py (no FMA contraction: bit-exact paths).
+                    extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"],
                     extra_link_args=["-fopenmp"],
                 )
             )
