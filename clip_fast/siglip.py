@@ -1,0 +1,427 @@
+"""Blockwise SigLIP loss (Zhai et al. 2023, arXiv 2303.15343): a drop-in for open_clip's
+`SigLipLoss` that never stores the B x B logits.
+
+    S = logit_scale * I @ T.T + logit_bias          (logit_scale already exponentiated)
+    L = -sum_ij logsigmoid(z_ij * S_ij) / B_local     z = +1 on the diagonal, -1 elsewhere
+
+The sigmoid loss has no normaliser, so dL/dS of a tile is known from that tile alone:
+one fused pass over S computes the loss AND dI, dT, dscale, dbias (3 matmul passes in
+total against open_clip's 3 plus the B x B logits, labels and their gradients in
+memory). The forward keeps the gradients; the backward only multiplies them by
+grad_output. Peak extra memory: O(B*D) for the gradients plus, on CPU, one chunk of
+rows of S (O(chunk*B)).
+
+Devices: CUDA tensors run the Triton kernel (clip_fast.kernels.siglip); CPU tensors run
+the same blockwise algorithm in torch (row chunks), in fp32 (bf16/fp16 inputs are
+upcast) or fp64 (fp64 exists so users can gradcheck; it always takes the torch path).
+
+Distributed (world_size > 1): the same value and gradients as open_clip's ring
+implementations ('bidir' by default). Each rank computes its own (b x b) block with
+positives on the diagonal, then text blocks travel around the ring with
+torch.distributed P2P (batch_isend_irecv), both directions at once for 'bidir', and
+every received block is a negative-only (b x b) block fed to the same fused kernel.
+The text-gradient contributions of each received block are kept; the backward scales
+them by this rank's grad_output and sends them back around the ring, accumulating, to
+the rank that owns those text features (exactly what autograd does through open_clip's
+NeighbourExchange functions). Memory: O(B*D) per rank for those contributions and no
+b x B logits.
+"""
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from typing import Optional, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from clip_fast._backend import use_triton
+
+# Elements of one row-chunk of S on the CPU path (~4 MiB per fp32 temporary, a few
+# temporaries alive at a time): large enough for efficient GEMMs, small enough that
+# memory stays O(chunk * B) instead of O(B^2).
+_CPU_CHUNK_ELEMENTS = 1 << 20
+
+_DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
+
+
+# ----------------------------------------------------------------------------------
+# input checks
+
+
+def _check_features(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
+    for name, t in (("image_features", image_features), ("text_features", text_features)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if t.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(t.shape)}")
+        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
+            raise ValueError(f"{name} must be float16/bfloat16/float32/float64, got {t.dtype}")
+    if image_features.shape != text_features.shape:
+        raise ValueError(
+            "image_features and text_features must have the same shape (B, D), got "
+            f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
+        )
+    if image_features.device != text_features.device:
+        raise ValueError(
+            f"image_features and text_features must be on the same device, got "
+            f"{image_features.device} and {text_features.device}"
+        )
+    if image_features.dtype != text_features.dtype:
+        raise ValueError(
+            f"image_features and text_features must have the same dtype, got "
+            f"{image_features.dtype} and {text_features.dtype}"
+        )
+    if image_features.shape[0] == 0:
+        raise ValueError("image_features must hold at least one sample (batch size 0 given)")
+
+
+def _as_scalar(value: Union[torch.Tensor, float, None], name: str, like: torch.Tensor) -> Optional[torch.Tensor]:
+    """logit_scale / logit_bias as a 0-dim tensor on `like`'s device (None stays None)."""
+    if value is None:
+        return None
+    if isinstance(value, numbers.Real) and not isinstance(value, bool):
+        return torch.tensor(float(value), device=like.device, dtype=torch.float32)
+    if not isinstance(value, torch.Tensor):
+        raise TypeError(f"{name} must be a tensor or a number, got {type(value).__name__}")
+    if value.numel() != 1:
+        raise ValueError(f"{name} must be a scalar (one element), got shape {tuple(value.shape)}")
+    if not value.is_floating_point():
+        raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}")
+    if value.device != like.device:
+        raise ValueError(f"{name} must be on the features' device {like.device}, got {value.device}")
+    return value.reshape(())
+
+
+# ----------------------------------------------------------------------------------
+# one (M x N) block: loss and gradients in one pass, dispatched per device
+
+
+@dataclasses.dataclass
+class _BlockGrads:
+    """Gradient accumulators of one rank, in the compute precision."""
+
+    d_image: torch.Tensor  # (M, D) summed over all blocks this rank computes
+    stats: torch.Tensor  # (3,) loss, dscale, dbias summed over blocks
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _use_kernel(t: torch.Tensor) -> bool:
+    # fp64 exists for gradcheck: the kernels have no fp64 configuration
+    return t.dtype != torch.float64 and use_triton(t)
+
+
+def _new_grad(rows: int, dim: int, like: torch.Tensor) -> torch.Tensor:
+    if _use_kernel(like):
+        from clip_fast.kernels.siglip import grad_buffer
+
+        return grad_buffer(rows, dim, like.device)
+    return torch.zeros((rows, dim), device=like.device, dtype=_compute_dtype(like.dtype))
+
+
+def _block_torch(
+    image: torch.Tensor,  # (M, D) compute dtype
+    text: torch.Tensor,  # (N, D) compute dtype
+    scale: torch.Tensor,  # () compute dtype
+    bias: torch.Tensor,  # () compute dtype
+    has_pos: bool,
+    inv_n: float,
+    d_image: torch.Tensor,  # (M, D) accumulated into
+    d_text: torch.Tensor,  # (N, D) accumulated into
+) -> torch.Tensor:
+    """CPU path of the fused kernel: the same pass over S, one chunk of rows at a time."""
+    M, N = image.shape[0], text.shape[0]
+    chunk = max(1, min(M, _CPU_CHUNK_ELEMENTS // max(N, 1)))
+    loss = image.new_zeros(())
+    ds = image.new_zeros(())
+    db = image.new_zeros(())
+    for r0 in range(0, M, chunk):
+        rows = image[r0 : r0 + chunk]  # (c, D)
+        dots = rows @ text.T  # (c, N)
+        x = torch.addcmul(-bias, dots, scale, value=-1.0)  # -S: every pair negative ...
+        if has_pos:
+            x.diagonal(r0).neg_()  # ... except (i, i): z * S with z = +1 (global row r0 + i)
+        # -logsigmoid(z S) summed; + 0 * sum(x) turns any non-finite S into a NaN loss
+        # (-logsigmoid(+inf) = 0 would hide it)
+        loss = loss + (-F.logsigmoid(x)).sum() + 0.0 * x.sum()
+        g = torch.sigmoid(x.neg_())  # sigmoid(-z S): dL/dS = -z sigmoid(-z S) / n
+        if has_pos:
+            g.diagonal(r0).neg_()
+        g.mul_(inv_n)  # (c, N) dL/dS
+        ds = ds + torch.dot(g.reshape(-1), dots.reshape(-1))
+        db = db + g.sum()
+        g.mul_(scale)
+        d_image[r0 : r0 + chunk].addmm_(g, text)
+        d_text.addmm_(g.T, rows)
+    return torch.stack([loss * inv_n, ds, db])
+
+
+def _block(
+    image: torch.Tensor,  # (M, D) features in their input dtype
+    text: torch.Tensor,  # (N, D)
+    scale: torch.Tensor,  # () logit_scale (exponentiated), any float dtype
+    bias: Optional[torch.Tensor],  # () or None
+    has_pos: bool,
+    inv_n: float,
+    d_image: torch.Tensor,
+    d_text: torch.Tensor,
+) -> torch.Tensor:
+    """Loss and gradient contributions of the block S = scale * image @ text.T + bias.
+
+    Adds scale*G@text to d_image and scale*G.T@image to d_text; returns (3,)
+    [loss, dscale, dbias] of this block (loss already divided by 1/inv_n)."""
+    if _use_kernel(image):
+        from clip_fast.kernels.siglip import siglip_block
+
+        zero = torch.zeros((), device=scale.device, dtype=torch.float32)
+        params = torch.stack([scale.float(), zero if bias is None else bias.float()])  # (2,) no host sync
+        return siglip_block(image, text, params, d_image, d_text, has_pos, inv_n)
+    dtype = _compute_dtype(image.dtype)
+    bias_c = scale.new_zeros((), dtype=dtype) if bias is None else bias.to(dtype)
+    return _block_torch(image.to(dtype), text.to(dtype), scale.to(dtype), bias_c, has_pos, inv_n, d_image, d_text)
+
+
+# ----------------------------------------------------------------------------------
+# autograd: single process
+
+
+class SigLipFunction(torch.autograd.Function):
+    """Fused SigLIP loss of one process: forward computes loss and every gradient."""
+
+    @staticmethod
+    def forward(ctx, image, text, logit_scale, logit_bias):
+        B, D = image.shape
+        d_image = _new_grad(B, D, image)
+        d_text = _new_grad(B, D, image)
+        stats = _block(image, text, logit_scale, logit_bias, True, 1.0 / B, d_image, d_text)
+        ctx.save_for_backward(d_image, d_text, stats)
+        ctx.dtypes = (image.dtype, text.dtype, logit_scale.dtype, None if logit_bias is None else logit_bias.dtype)
+        return stats[0].clone()  # fp32 (fp64 for fp64 inputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        d_image, d_text, stats = ctx.saved_tensors
+        image_dtype, text_dtype, scale_dtype, bias_dtype = ctx.dtypes
+        g = grad_loss.to(stats.dtype)
+        grad_bias = None if bias_dtype is None else (g * stats[2]).to(bias_dtype)
+        return (
+            (d_image * g.to(d_image.dtype)).to(image_dtype),
+            (d_text * g.to(d_text.dtype)).to(text_dtype),
+            (g * stats[1]).to(scale_dtype),
+            grad_bias,
+        )
+
+
+# ----------------------------------------------------------------------------------
+# autograd: ring over ranks
+
+
+@dataclasses.dataclass(frozen=True)
+class _Ring:
+    """Schedule of the text-block exchange. The left chain delivers T[rank - j] at step
+    j (j = 1..left_steps), the right chain T[rank + j] (j = 1..right_steps)."""
+
+    rank: int
+    world_size: int
+    left_steps: int
+    right_steps: int
+    group: Optional[object] = None
+
+    @staticmethod
+    def for_impl(dist_impl: str, rank: int, world_size: int) -> "_Ring":
+        if dist_impl == "shift":
+            return _Ring(rank, world_size, world_size - 1, 0)
+        # 'bidir' (and 'reduce'/'gather', which compute the same sums in open_clip):
+        # both directions at once, the odd block left over travels from the left
+        both, remainder = divmod(world_size - 1, 2)
+        return _Ring(rank, world_size, both + remainder, both)
+
+    @property
+    def left(self) -> int:
+        return (self.rank - 1) % self.world_size
+
+    @property
+    def right(self) -> int:
+        return (self.rank + 1) % self.world_size
+
+    def exchange(self, to_right: Optional[torch.Tensor], to_left: Optional[torch.Tensor]):
+        """Send `to_right` right and `to_left` left (either may be None); returns the
+        tensors (from_left, from_right) received in exchange (None where none sent)."""
+        import torch.distributed as dist
+
+        ops, from_left, from_right = [], None, None
+        if to_right is not None:
+            from_left = torch.empty_like(to_right)
+            ops += [dist.P2POp(dist.isend, to_right, self.right, self.group),
+                    dist.P2POp(dist.irecv, from_left, self.left, self.group)]
+        if to_left is not None:
+            from_right = torch.empty_like(to_left)
+            ops += [dist.P2POp(dist.isend, to_left, self.left, self.group),
+                    dist.P2POp(dist.irecv, from_right, self.right, self.group)]
+        for req in dist.batch_isend_irecv(ops):
+            req.wait()
+        return from_left, from_right
+
+
+class RingSigLipFunction(torch.autograd.Function):
+    """SigLIP loss of this rank over all ranks' text blocks, exchanged around a ring."""
+
+    @staticmethod
+    def forward(ctx, image, text, logit_scale, logit_bias, ring: _Ring):
+        b, D = image.shape
+        inv_n = 1.0 / b
+        d_image = _new_grad(b, D, image)
+        d_text_own = _new_grad(b, D, image)
+        stats = _block(image, text, logit_scale, logit_bias, True, inv_n, d_image, d_text_own)
+        # contributions[(chain, j)]: gradient of this rank's loss w.r.t. the text block
+        # received at step j of that chain (owner rank -+ j)
+        contributions: dict[tuple[str, int], torch.Tensor] = {}
+        to_right = to_left = text.detach().contiguous()
+        for step in range(1, max(ring.left_steps, ring.right_steps) + 1):
+            from_left, from_right = ring.exchange(
+                to_right if step <= ring.left_steps else None,
+                to_left if step <= ring.right_steps else None,
+            )
+            for chain, block in (("left", from_left), ("right", from_right)):
+                if block is not None:
+                    d_block = _new_grad(b, D, image)
+                    stats = stats + _block(image, block, logit_scale, logit_bias, False, inv_n, d_image, d_block)
+                    contributions[(chain, step)] = d_block
+            to_right, to_left = from_left, from_right
+        ctx.ring = ring
+        ctx.contributions = contributions
+        ctx.save_for_backward(d_image, d_text_own, stats)
+        ctx.dtypes = (image.dtype, text.dtype, logit_scale.dtype, None if logit_bias is None else logit_bias.dtype)
+        return stats[0].clone()  # fp32 (fp64 for fp64 inputs)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_loss):
+        d_image, d_text_own, stats = ctx.saved_tensors
+        ring: _Ring = ctx.ring
+        contributions = ctx.contributions
+        image_dtype, text_dtype, scale_dtype, bias_dtype = ctx.dtypes
+        g = grad_loss.to(stats.dtype)
+        gd = g.to(d_image.dtype)
+
+        def scaled(chain: str, step: int) -> torch.Tensor:
+            return (contributions[(chain, step)] * gd).contiguous()
+
+        # Reverse ring. At reverse step j this rank holds, per chain, the accumulated
+        # gradient for the text block it received at step j; it hands it back the way
+        # the block came, and receives the neighbour's accumulation for the block it
+        # itself received at step j - 1 (step 0 = its own text), adding its share.
+        acc_left = scaled("left", ring.left_steps) if ring.left_steps else None
+        acc_right = scaled("right", ring.right_steps) if ring.right_steps else None
+        d_text = d_text_own * gd
+        for step in range(max(ring.left_steps, ring.right_steps), 0, -1):
+            from_left, from_right = ring.exchange(
+                acc_right if step <= ring.right_steps else None,
+                acc_left if step <= ring.left_steps else None,
+            )
+            if from_right is not None:  # left chain, coming back from the right
+                if step == 1:
+                    d_text = d_text + from_right
+                else:
+                    acc_left = scaled("left", step - 1) + from_right
+            if from_left is not None:  # right chain, coming back from the left
+                if step == 1:
+                    d_text = d_text + from_left
+                else:
+                    acc_right = scaled("right", step - 1) + from_left
+        ctx.contributions = None
+        grad_bias = None if bias_dtype is None else (g * stats[2]).to(bias_dtype)
+        return (
+            (d_image * gd).to(image_dtype),
+            d_text.to(text_dtype),
+            (g * stats[1]).to(scale_dtype),
+            grad_bias,
+            None,
+        )
+
+
+# ----------------------------------------------------------------------------------
+# module
+
+
+class SigLipLoss(nn.Module):
+    """Sigmoid loss for language-image pre-training, without B x B logits.
+
+    Same constructor and forward as open_clip 3.x `SigLipLoss`; `logit_scale` is the
+    already exponentiated scale (as open_clip's models return it).
+
+    Args:
+        cache_labels: accepted for compatibility (no labels are materialised).
+        rank, world_size: this process's place in the default process group; with
+            world_size > 1 the loss covers every rank's text features.
+        dist_impl: 'bidir' (default), 'shift', 'reduce' or 'gather'. All four give the
+            same value and gradients in open_clip; here 'shift' runs a one-directional
+            ring and the others the bidirectional ring.
+    """
+
+    def __init__(
+        self,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        dist_impl: Optional[str] = None,
+    ) -> None:
+        super().__init__()
+        if not isinstance(world_size, int) or world_size < 1:
+            raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+        if not isinstance(rank, int) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+        dist_impl = dist_impl or "bidir"
+        if dist_impl not in _DIST_IMPLS:
+            raise ValueError(f"dist_impl must be one of {_DIST_IMPLS}, got {dist_impl!r}")
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
+        self.dist_impl = dist_impl
+
+    def _check_group(self, image_features: torch.Tensor) -> None:
+        """Same (b, D) on every rank, else a ValueError on EVERY rank (no hang later)."""
+        import torch.distributed as dist
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise ValueError(f"world_size={self.world_size} needs an initialised torch.distributed process group")
+        if dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
+            raise ValueError(
+                f"rank={self.rank}, world_size={self.world_size} do not match the process group "
+                f"(rank {dist.get_rank()} of {dist.get_world_size()})"
+            )
+        device = image_features.device if dist.get_backend() == "nccl" else torch.device("cpu")
+        mine = torch.tensor(list(image_features.shape), device=device, dtype=torch.int64)
+        shapes = [torch.empty_like(mine) for _ in range(self.world_size)]
+        dist.all_gather(shapes, mine)
+        shapes = [tuple(s.tolist()) for s in shapes]
+        if len(set(shapes)) != 1:
+            raise ValueError(
+                "image_features/text_features must have the same shape (b, D) on every rank; got "
+                + ", ".join(f"rank {r}: {s}" for r, s in enumerate(shapes))
+            )
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: Union[torch.Tensor, float],
+        logit_bias: Union[torch.Tensor, float, None],
+        output_dict: bool = False,
+    ):
+        """Mean-per-sample sigmoid loss; `{"contrastive_loss": loss}` if output_dict."""
+        _check_features(image_features, text_features)
+        scale = _as_scalar(logit_scale, "logit_scale", image_features)
+        bias = _as_scalar(logit_bias, "logit_bias", image_features)
+        if self.world_size > 1:
+            self._check_group(image_features)
+            ring = _Ring.for_impl(self.dist_impl, self.rank, self.world_size)
+            loss = RingSigLipFunction.apply(image_features, text_features, scale, bias, ring)
+        else:
+            loss = SigLipFunction.apply(image_features, text_features, scale, bias)
+        return {"contrastive_loss": loss} if output_dict else loss
