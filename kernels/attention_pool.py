@@ -1,0 +1,379 @@
+"""Fused attention pooling of CLIP's ModifiedResNet (forward and backward kernels).
+
+OpenAI's AttentionPool2d turns the final (N, C, H, W) feature map into one vector per
+image: the tokens are t_0 = mean_i x_i + pos_0 and t_l = x_l + pos_l (l = 1..HW), and a
+single query q = Wq t_0 + bq per head attends over all L = HW + 1 tokens. The reference
+implementation (a permute, a cat and `multi_head_attention_forward`) projects every
+token to keys and values: 2*L*C*C multiply-adds per image (420 M for RN50, C = 2048).
+
+With one query per head the projections can be moved to the other side of the
+attention (exactly, not approximately):
+
+    score_hl = q_h . (Wk_h t_l + bk_h) / sqrt(d) = u_h . t_l + const_h,
+        u_h = Wk_h^T q_h / sqrt(d)                     (the constant drops out of softmax)
+    out_h = sum_l p_hl (Wv_h t_l + bv_h) = Wv_h z_h + bv_h,
+        z_h = sum_l p_hl t_l                           (because sum_l p_hl = 1)
+
+so the K projection becomes one small GEMM per image on the query side (u = Wk^T q,
+N*C*C in all), the V projection one on the pooled side (Wv z), and the part that
+touches all L tokens is two skinny contractions against H (heads) columns:
+S = T @ U^T (L x H) and Z = P^T @ T (H x C). That part is what these kernels fuse: the
+mean token, the positional embedding, both contractions and the softmax run in one
+program per image, so the (N, L, C) token tensor, the scores and the probabilities never
+reach global memory. Total work drops from ~2*L*C^2 to ~3*C^2 + 2*L*C*H multiply-adds
+per image (about 20x less for RN50). The caller (clip_fast/model/attention_pool.py)
+does the GEMMs with the weights (q, u, Wv z, c_proj) in cuBLAS.
+
+Kernels (all shapes per image n; T is the token tile built on the fly from X, T0, POS):
+- `_attention_pool_fwd_kernel`, grid (N, head blocks):
+      S = T @ U^T (fp32 accumulate), P = softmax over L (fp32), Z = P^T @ T, plus the
+      per-head log-sum-exp for the backward.
+- `_attention_pool_bwd_kernel`, grid (N,):
+      recompute S and dP = T @ dZ^T in one sweep over C, P = exp(S - lse),
+      dS = P * (dP - rowsum(P * dP)), then in a second sweep
+      dT = P @ dZ + dS @ U and dU = dS^T @ T.
+  One program owns all heads of an image, so dT is summed over head blocks without
+  atomics (deterministic): the program read-modify-writes its own fp32 dT rows.
+
+Numerics: the token tile is formed in fp32 (x + pos) and rounded once to the input
+dtype, like the reference's bf16 add; the dots run in the input dtype on tensor cores
+(fp32 inputs as 3xTF32) with fp32 accumulation; softmax math is fp32 in base 2.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from clip_fast.aot import KernelConfig
+
+LOG2E = tl.constexpr(1.4426950408889634)
+
+_TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+# Largest token count (HW + 1, padded to a power of two) one program holds on chip:
+# RN50x64's 14x14 map gives L = 197 -> 256. Larger maps use the torch path.
+MAX_BLOCK_L = 256
+
+
+@triton.jit
+def _load_tokens(
+    x_ptr, t0_ptr, pos_ptr, n, c0, HW, C,
+    stride_xn, stride_xl, stride_xc, stride_t0n, stride_posl,
+    BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
+):
+    """Token tile T[0:BLOCK_L, c0:c0+BLOCK_C] of image n in the input dtype.
+
+    Row 0 is t_0 (mean token + pos_0, computed by the caller, which also needs it for
+    the query); rows 1..HW are x + pos; rows past HW and columns past C are zero.
+    """
+    offs_l = tl.arange(0, BLOCK_L)
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    c_mask = offs_c < C
+    img = (offs_l >= 1) & (offs_l <= HW)
+    img_mask = img[:, None] & c_mask[None, :]
+    x = tl.load(
+        x_ptr + n * stride_xn + (offs_l - 1)[:, None] * stride_xl + offs_c[None, :] * stride_xc,
+        mask=img_mask, other=0.0,
+    )
+    pos = tl.load(pos_ptr + (offs_l - 1)[:, None] * stride_posl + offs_c[None, :], mask=img_mask, other=0.0)
+    t0 = tl.load(t0_ptr + n * stride_t0n + offs_c, mask=c_mask, other=0.0)
+    tok = tl.where(offs_l[:, None] == 0, t0.to(tl.float32)[None, :], x.to(tl.float32) + pos.to(tl.float32))
+    return tok.to(x.dtype)
+
+
+@triton.jit
+def _attention_pool_fwd_kernel(
+    x_ptr,      # (N, HW, C) image tokens (any strides: NCHW or channels_last feature maps)
+    t0_ptr,     # (N, C) mean token + pos_0
+    pos_ptr,    # (HW, C) positional embedding rows 1..HW, unit stride along C
+    u_ptr,      # (N, H, C) per-head key-side queries, scaled by 1/sqrt(d), unit stride along C
+    z_ptr,      # (N, H, C) out: attention-pooled tokens
+    lse_ptr,    # (N, H) fp32 out: base-2 log-sum-exp of each head's scores
+    HW, C, H,
+    stride_xn, stride_xl, stride_xc, stride_t0n, stride_posl,
+    stride_un, stride_uh, stride_zn, stride_zh,
+    BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    n = tl.program_id(0)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = offs_h < H
+    offs_l = tl.arange(0, BLOCK_L)
+    offs_c = tl.arange(0, BLOCK_C)
+
+    # Sweep 1 over C: scores S = T @ U^T, (BLOCK_L, BLOCK_H) in fp32.
+    s = tl.zeros((BLOCK_L, BLOCK_H), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        tok = _load_tokens(x_ptr, t0_ptr, pos_ptr, n, c0, HW, C, stride_xn, stride_xl, stride_xc,
+                           stride_t0n, stride_posl, BLOCK_L, BLOCK_C)
+        u = tl.load(
+            u_ptr + n * stride_un + offs_h[:, None] * stride_uh + (c0 + offs_c)[None, :],
+            mask=h_mask[:, None] & ((c0 + offs_c) < C)[None, :], other=0.0,
+        )
+        s = tl.dot(tok, tl.trans(u), s, input_precision=INPUT_PRECISION)
+
+    # Softmax over the L tokens of each head (column), base 2, padded rows excluded.
+    s = tl.where((offs_l <= HW)[:, None], s * LOG2E, float("-inf"))
+    m = tl.max(s, axis=0)
+    p = tl.exp2(s - m[None, :])
+    denom = tl.sum(p, axis=0)
+    p = p / denom[None, :]
+    tl.store(lse_ptr + n * H + offs_h, m + tl.log2(denom), mask=h_mask)
+
+    # Sweep 2 over C: Z = P^T @ T. P is rounded to the input dtype for the tensor
+    # cores (as flash-attention does for P @ V); the accumulation stays fp32.
+    p = p.to(z_ptr.dtype.element_ty)
+    for c0 in range(0, C, BLOCK_C):
+        tok = _load_tokens(x_ptr, t0_ptr, pos_ptr, n, c0, HW, C, stride_xn, stride_xl, stride_xc,
+                           stride_t0n, stride_posl, BLOCK_L, BLOCK_C)
+        z = tl.dot(tl.trans(p), tok, input_precision=INPUT_PRECISION)
+        tl.store(
+            z_ptr + n * stride_zn + offs_h[:, None] * stride_zh + (c0 + offs_c)[None, :],
+            z.to(z_ptr.dtype.element_ty), mask=h_mask[:, None] & ((c0 + offs_c) < C)[None, :],
+        )
+
+
+@triton.jit
+def _attention_pool_bwd_scores_kernel(
+    x_ptr, t0_ptr, pos_ptr, u_ptr, lse_ptr,   # as in the forward kernel
+    dz_ptr,     # (N, H, C) gradient of Z, unit stride along C
+    p_ptr,      # (N, L, H) out, input dtype: probabilities P, contiguous
+    ds_ptr,     # (N, L, H) out, input dtype: score gradients dS, contiguous
+    HW, C, H,
+    stride_xn, stride_xl, stride_xc, stride_t0n, stride_posl,
+    stride_un, stride_uh, stride_dzn, stride_dzh,
+    BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    n = tl.program_id(0)
+    offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
+    h_mask = offs_h < H
+    offs_l = tl.arange(0, BLOCK_L)
+    offs_c = tl.arange(0, BLOCK_C)
+    l_mask = offs_l <= HW
+    dtype = x_ptr.dtype.element_ty
+
+    # One sweep over C: S = T @ U^T and dP = T @ dZ^T, both (BLOCK_L, BLOCK_H) fp32.
+    s = tl.zeros((BLOCK_L, BLOCK_H), dtype=tl.float32)
+    dp = tl.zeros((BLOCK_L, BLOCK_H), dtype=tl.float32)
+    for c0 in range(0, C, BLOCK_C):
+        tok = _load_tokens(x_ptr, t0_ptr, pos_ptr, n, c0, HW, C, stride_xn, stride_xl, stride_xc,
+                           stride_t0n, stride_posl, BLOCK_L, BLOCK_C)
+        hc_mask = h_mask[:, None] & ((c0 + offs_c) < C)[None, :]
+        u = tl.load(u_ptr + n * stride_un + offs_h[:, None] * stride_uh + (c0 + offs_c)[None, :],
+                    mask=hc_mask, other=0.0)
+        dz = tl.load(dz_ptr + n * stride_dzn + offs_h[:, None] * stride_dzh + (c0 + offs_c)[None, :],
+                     mask=hc_mask, other=0.0)
+        s = tl.dot(tok, tl.trans(u), s, input_precision=INPUT_PRECISION)
+        dp = tl.dot(tok, tl.trans(dz.to(dtype)), dp, input_precision=INPUT_PRECISION)
+    lse = tl.load(lse_ptr + n * H + offs_h, mask=h_mask, other=0.0)
+    p = tl.where(l_mask[:, None], tl.exp2(s * LOG2E - lse[None, :]), 0.0)
+    # sum_l P * dP per head equals dz_h . z_h: the softmax Jacobian's diagonal term.
+    delta = tl.sum(p * dp, axis=0)
+    ds = p * (dp - delta[None, :])
+    # P and dS go to the tensor cores in the input dtype in the second kernel anyway,
+    # so they are stored rounded to it (flash-attention rounds P and dS the same way).
+    lh_offs = n * (HW + 1) * H + offs_l[:, None] * H + offs_h[None, :]
+    lh_mask = l_mask[:, None] & h_mask[None, :]
+    tl.store(p_ptr + lh_offs, p.to(dtype), mask=lh_mask)
+    tl.store(ds_ptr + lh_offs, ds.to(dtype), mask=lh_mask)
+
+
+@triton.jit
+def _attention_pool_bwd_tokens_kernel(
+    x_ptr, t0_ptr, pos_ptr, u_ptr, dz_ptr,   # as in the kernels above
+    p_ptr, ds_ptr,  # (N, L, H) from _attention_pool_bwd_scores_kernel
+    dtok_ptr,   # (N, L, C) fp32 out: gradient of every token (row 0: t_0), contiguous
+    du_ptr,     # (N, H, C) fp32 out: gradient of U, contiguous
+    HW, C, H,
+    stride_xn, stride_xl, stride_xc, stride_t0n, stride_posl,
+    stride_un, stride_uh, stride_dzn, stride_dzh,
+    BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+):
+    # Grid (N, C / BLOCK_C): each program owns one column block of one image's tokens,
+    # loads them once and loops over the heads, so dT is summed over heads in registers
+    # (no atomics, deterministic).
+    n = tl.program_id(0)
+    c0 = tl.program_id(1) * BLOCK_C
+    L = HW + 1
+    offs_l = tl.arange(0, BLOCK_L)
+    offs_c = c0 + tl.arange(0, BLOCK_C)
+    l_mask = offs_l < L
+    c_mask = offs_c < C
+    dtype = x_ptr.dtype.element_ty
+    tok = _load_tokens(x_ptr, t0_ptr, pos_ptr, n, c0, HW, C, stride_xn, stride_xl, stride_xc,
+                       stride_t0n, stride_posl, BLOCK_L, BLOCK_C)
+    dtok = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
+    for h0 in range(0, H, BLOCK_H):
+        offs_h = h0 + tl.arange(0, BLOCK_H)
+        h_mask = offs_h < H
+        lh_offs = n * L * H + offs_l[:, None] * H + offs_h[None, :]
+        lh_mask = l_mask[:, None] & h_mask[None, :]
+        p = tl.load(p_ptr + lh_offs, mask=lh_mask, other=0.0)
+        ds = tl.load(ds_ptr + lh_offs, mask=lh_mask, other=0.0)
+        hc_mask = h_mask[:, None] & c_mask[None, :]
+        u = tl.load(u_ptr + n * stride_un + offs_h[:, None] * stride_uh + offs_c[None, :], mask=hc_mask, other=0.0)
+        dz = tl.load(dz_ptr + n * stride_dzn + offs_h[:, None] * stride_dzh + offs_c[None, :],
+                     mask=hc_mask, other=0.0)
+        # dT = P @ dZ + dS @ U ; dU = dS^T @ T
+        dtok = tl.dot(p, dz.to(dtype), dtok, input_precision=INPUT_PRECISION)
+        dtok = tl.dot(ds, u, dtok, input_precision=INPUT_PRECISION)
+        du = tl.dot(tl.trans(ds), tok, input_precision=INPUT_PRECISION)
+        tl.store(du_ptr + n * H * C + offs_h[:, None] * C + offs_c[None, :], du, mask=hc_mask)
+    tl.store(dtok_ptr + n * L * C + offs_l[:, None] * C + offs_c[None, :], dtok,
+             mask=l_mask[:, None] & c_mask[None, :])
+
+
+KERNELS = ("fwd", "bwd_scores", "bwd_tokens")
+
+
+def block_config(dtype: torch.dtype, hw: int, heads: int, kernel: str) -> dict:
+    """Tile sizes and warps of `kernel` for `hw` positions (plus the mean token), `heads` heads.
+
+    BLOCK_L holds every token of the image (softmax needs them all); it is at least 64
+    so the L-major dots fill a Hopper warpgroup MMA (wgmma's M is 64). The score
+    kernels keep BLOCK_L x BLOCK_H fp32 tiles in registers (S; S and dP in the
+    backward), so BLOCK_H and the C chunk shrink as BLOCK_L grows; every choice below
+    compiles without register spills for sm_80 and sm_90 (see aot_configs).
+    """
+    if kernel not in KERNELS:
+        raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
+    block_l = max(64, triton.next_power_of_2(hw + 1))
+    if block_l > MAX_BLOCK_L:
+        raise ValueError(f"attention pooling over {hw} positions exceeds the kernel's {MAX_BLOCK_L - 1}")
+    block_h = max(16, min(triton.next_power_of_2(heads), 2048 // block_l))
+    wide = dtype != torch.float32
+    if kernel == "bwd_tokens":
+        block_c = 64 if wide and block_l <= 64 else 32
+    else:
+        block_c = 32 if wide and block_l <= 128 else 16
+    return dict(BLOCK_L=block_l, BLOCK_H=block_h, BLOCK_C=block_c, num_warps=8, num_stages=1)
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # fp32 inputs: 3xTF32 keeps ~fp32 accuracy on tensor cores (plain TF32 would not
+    # match an fp32 reference to 1e-5).
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _check(x: torch.Tensor, t0: torch.Tensor, pos: torch.Tensor, u: torch.Tensor) -> None:
+    if x.dtype not in _TL_DTYPE:
+        raise TypeError(f"attention_pool: x must be fp32/bf16/fp16, got {x.dtype}")
+    n, hw, c = x.shape
+    if t0.shape != (n, c) or pos.shape != (hw, c) or u.dim() != 3 or u.shape[0] != n or u.shape[2] != c:
+        raise ValueError(
+            f"attention_pool: shapes x {tuple(x.shape)}, t0 {tuple(t0.shape)}, pos {tuple(pos.shape)}, "
+            f"u {tuple(u.shape)} do not fit (N, HW, C), (N, C), (HW, C), (N, H, C)"
+        )
+    if t0.dtype != x.dtype or pos.dtype != x.dtype or u.dtype != x.dtype:
+        raise TypeError("attention_pool: x, t0, pos and u must share one dtype")
+
+
+def _launch(kernel, grid, cfg: dict, *args) -> None:
+    kernel[grid](
+        *args, BLOCK_L=cfg["BLOCK_L"], BLOCK_H=cfg["BLOCK_H"], BLOCK_C=cfg["BLOCK_C"],
+        INPUT_PRECISION=cfg["INPUT_PRECISION"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+
+
+def attention_pool_forward(
+    x: torch.Tensor, t0: torch.Tensor, pos: torch.Tensor, u: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Z (N, H, C) in x's dtype and the fp32 base-2 log-sum-exp (N, H) of the scores.
+
+    x (N, HW, C) any strides; t0 (N, C) mean token + pos_0; pos (HW, C) rows 1..HW of
+    the positional embedding; u (N, H, C) key-side queries already scaled by 1/sqrt(d).
+    """
+    _check(x, t0, pos, u)
+    n, hw, c = x.shape
+    heads = u.shape[1]
+    t0, pos, u = t0.contiguous(), pos.contiguous(), u.contiguous()
+    z = torch.empty((n, heads, c), device=x.device, dtype=x.dtype)
+    lse = torch.empty((n, heads), device=x.device, dtype=torch.float32)
+    cfg = {**block_config(x.dtype, hw, heads, "fwd"), "INPUT_PRECISION": _input_precision(x.dtype)}
+    _launch(
+        _attention_pool_fwd_kernel, (n, triton.cdiv(heads, cfg["BLOCK_H"])), cfg,
+        x, t0, pos, u, z, lse, hw, c, heads,
+        x.stride(0), x.stride(1), x.stride(2), t0.stride(0), pos.stride(0),
+        u.stride(0), u.stride(1), z.stride(0), z.stride(1),
+    )
+    return z, lse
+
+
+def attention_pool_backward(
+    x: torch.Tensor, t0: torch.Tensor, pos: torch.Tensor, u: torch.Tensor, lse: torch.Tensor, dz: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Gradients (dT (N, HW+1, C), dU (N, H, C)), both fp32, of Z = attention_pool_forward(...).
+
+    Two launches: P and dS per (image, head block), then dT and dU per (image, C block).
+    """
+    _check(x, t0, pos, u)
+    n, hw, c = x.shape
+    heads = u.shape[1]
+    t0, pos, u, dz = t0.contiguous(), pos.contiguous(), u.contiguous(), dz.to(x.dtype).contiguous()
+    probs = torch.empty((n, hw + 1, heads), device=x.device, dtype=x.dtype)
+    dscores = torch.empty_like(probs)
+    dtok = torch.empty((n, hw + 1, c), device=x.device, dtype=torch.float32)
+    du = torch.empty((n, heads, c), device=x.device, dtype=torch.float32)
+    strides = (x.stride(0), x.stride(1), x.stride(2), t0.stride(0), pos.stride(0),
+               u.stride(0), u.stride(1), dz.stride(0), dz.stride(1))
+    cfg = {**block_config(x.dtype, hw, heads, "bwd_scores"), "INPUT_PRECISION": _input_precision(x.dtype)}
+    _launch(
+        _attention_pool_bwd_scores_kernel, (n, triton.cdiv(heads, cfg["BLOCK_H"])), cfg,
+        x, t0, pos, u, lse, dz, probs, dscores, hw, c, heads, *strides,
+    )
+    cfg = {**block_config(x.dtype, hw, heads, "bwd_tokens"), "INPUT_PRECISION": _input_precision(x.dtype)}
+    _launch(
+        _attention_pool_bwd_tokens_kernel, (n, triton.cdiv(c, cfg["BLOCK_C"])), cfg,
+        x, t0, pos, u, dz, probs, dscores, dtok, du, hw, c, heads, *strides,
+    )
+    return dtok, du
+
+
+# (hw, heads) of the feature maps the launchers meet: the tiny test/demo model (2x2, 2
+# heads), RN50/RN101 (7x7, 32), RN50x4 (9x9, 40), RN50x16 (12x12, 48), RN50x64 (14x14, 64).
+AOT_SHAPES = {"tiny": (4, 2), "RN50": (49, 32), "RN50x4": (81, 40), "RN50x16": (144, 48), "RN50x64": (196, 64)}
+
+_SIGNATURES = {
+    "fwd": ("x_ptr", "t0_ptr", "pos_ptr", "u_ptr", "z_ptr", "lse_ptr:fp32", "HW", "C", "H", "stride_xn",
+            "stride_xl", "stride_xc", "stride_t0n", "stride_posl", "stride_un", "stride_uh", "stride_zn",
+            "stride_zh"),
+    "bwd_scores": ("x_ptr", "t0_ptr", "pos_ptr", "u_ptr", "lse_ptr:fp32", "dz_ptr", "p_ptr", "ds_ptr", "HW", "C",
+                   "H", "stride_xn", "stride_xl", "stride_xc", "stride_t0n", "stride_posl", "stride_un",
+                   "stride_uh", "stride_dzn", "stride_dzh"),
+    "bwd_tokens": ("x_ptr", "t0_ptr", "pos_ptr", "u_ptr", "dz_ptr", "p_ptr", "ds_ptr", "dtok_ptr:fp32",
+                   "du_ptr:fp32", "HW", "C", "H", "stride_xn", "stride_xl", "stride_xc", "stride_t0n",
+                   "stride_posl", "stride_un", "stride_uh", "stride_dzn", "stride_dzh"),
+}
+
+
+def _signature(kernel: str, tl_dtype: str) -> dict[str, str]:
+    sig = {}
+    for arg in _SIGNATURES[kernel]:
+        name, _, fixed = arg.partition(":")
+        sig[name] = f"*{fixed}" if fixed else (f"*{tl_dtype}" if name.endswith("_ptr") else "i32")
+    return {**sig, "BLOCK_L": "constexpr", "BLOCK_H": "constexpr", "BLOCK_C": "constexpr",
+            "INPUT_PRECISION": "constexpr"}
+
+
+def aot_configs() -> list[KernelConfig]:
+    """Every distinct configuration the launchers pick for the CLIP ResNets in bf16
+    (fp16 shares the code path and the tiles) and for RN50 in fp32."""
+    fns = {"fwd": _attention_pool_fwd_kernel, "bwd_scores": _attention_pool_bwd_scores_kernel,
+           "bwd_tokens": _attention_pool_bwd_tokens_kernel}
+    configs: dict[str, KernelConfig] = {}
+    cases = [(torch.bfloat16, shape) for shape in AOT_SHAPES.values()] + [(torch.float32, AOT_SHAPES["RN50"])]
+    for dtype, (hw, heads) in cases:
+        tl_dtype = _TL_DTYPE[dtype]
+        for kernel, fn in fns.items():
+            cfg = block_config(dtype, hw, heads, kernel)
+            name = f"attention_pool_{kernel}[{tl_dtype},L={cfg['BLOCK_L']},H={cfg['BLOCK_H']},C={cfg['BLOCK_C']}]"
+            configs[name] = KernelConfig(
+                name=name, fn=fn, signature=_signature(kernel, tl_dtype),
+                constexprs=dict(BLOCK_L=cfg["BLOCK_L"], BLOCK_H=cfg["BLOCK_H"], BLOCK_C=cfg["BLOCK_C"],
+                                INPUT_PRECISION=_input_precision(dtype)),
+                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], uses_tensor_cores=True,
+            )
+    return list(configs.values())
