@@ -271,3 +271,37 @@ def test_brace_and_glob_expansion(clean_shards):
     a = build_loader(base + "-{000000..000002}.tar", 4, 32, caption_id_tokenize, backend="torch")
     b = build_loader(base + "-*.tar", 4, 32, caption_id_tokenize, backend="torch")
     assert [s.path for s in a.shards] == [s.path for s in b.shards] == clean_shards
+
+
+def test_auto_backend_on_cpu_is_torch(clean_shards):
+    # DALI's CPU resampling is slower than Pillow's here (see benchmarks/test_data.py).
+    assert build_loader(clean_shards, 4, 32, caption_id_tokenize).backend == "torch"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
+def test_gpu_auto_is_dali_and_exact_epochs(clean_shards):
+    seen = Counter()
+    for rank in range(2):
+        loader = build_loader(clean_shards, 8, 32, caption_id_tokenize, train=True, drop_last=False, rank=rank,
+                              world_size=2, device="cuda", dtype=torch.bfloat16)
+        assert loader.backend == "dali"
+        for images, tokens in loader:
+            assert images.is_cuda and tokens.is_cuda and images.dtype == torch.bfloat16
+            seen.update(tokens[:, 0].tolist())
+    assert sorted(seen) == list(range(53)) and set(seen.values()) == {1}
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
+def test_gpu_mixed_decode_matches_pil_eval(clean_shards):
+    """nvJPEG / the hardware decoder use other IDCT and chroma upsampling than
+    libjpeg-turbo: a looser bound than the CPU comparison, still far below a crop shift."""
+    def eval_images(backend, device):
+        loader = build_loader(clean_shards, 16, 64, caption_id_tokenize, train=False, backend=backend, device=device)
+        batches = [(x.float().cpu(), t[:, 0].cpu()) for x, t in loader]
+        ids = torch.cat([b[1] for b in batches])
+        return torch.cat([b[0] for b in batches])[ids.argsort()]
+
+    err = (eval_images("dali", "cuda") - eval_images("torch", "cpu")).abs() * torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255
+    assert err.mean() < 1.0 and err.mean((1, 2, 3)).max() < 2.0

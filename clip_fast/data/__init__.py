@@ -1,0 +1,11 @@
+"""Data: webdataset shards, DALI / torch loaders, the CLIP tokenizer, the demo dataset.
+
+  clip_fast.data.make_shards  `python -m clip_fast.data.make_shards SRC OUT` shard writer
+  clip_fast.data.shards       shard + DALI index format, validation, cached scans
+  clip_fast.data.loader       build_loader(...): DALI (GPU or CPU decode) or torch + PIL
+  clip_fast.data.tokenizer    Tokenizer: OpenAI BPE (open_clip ids) or a trained byte-level BPE
+  clip_fast.data.demo         ensure_demo_dataset(): captioned synthetic shapes, cached
+
+Submodules are imported explicitly (none is imported here: DALI and tokenizers load only
+when used).
+"""
