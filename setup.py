@@ -37,7 +37,7 @@ if os.environ.get("CLIP_FAST_BUILD_EXT", "1") != "0":
                     cpp_sources,
                     include_dirs=[os.path.abspath("csrc")],
                     # Same flags as clip_fast/_ext.py (no FMA contraction: bit-exact paths).
-                    extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off"],
+                    extra_compile_args=["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"],
                     extra_link_args=["-fopenmp"],
                 )
             )

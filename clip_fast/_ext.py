@@ -22,7 +22,7 @@ from types import ModuleType
 
 # The flags setup.py uses too. -ffp-contract=off: no fused multiply-add, so the CPU path
 # rounds exactly like the torch and Triton paths (see csrc/adamw_sr.h).
-CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off"]
+CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
 LDFLAGS = ["-fopenmp"]
 
 

@@ -90,24 +90,24 @@ CF_HD int64_t update_range(const TensorArgs& a, const Hyper& h, int64_t begin, i
     else if (SR) philox_words(a.key, base, n, wa, wb);
     for (int64_t i = 0; i < n; ++i) {
       const int64_t e = base + i;
+      float pi = load_as_f32<PK>(p[e]);
       float mi = load_as_f32<SK>(m[e]);
       float ri = load_as_f32<SK>(r[e]);
       if constexpr (SK == kF16) {
         mi *= a.s.decode_scale;
         ri *= a.s.decode_scale;
       }
-      const ElementResult out = adamw_element(load_as_f32<PK>(p[e]), load_as_f32<GK>(g[e]), mi, ri, h, a.s);
-      float mo = out.m, ro = out.r;
+      const bool finite = adamw_element(pi, load_as_f32<GK>(g[e]), mi, ri, h, a.s);
       if constexpr (SK == kF16) {
-        local_max = std::max(local_max, ro);
-        mo *= a.s.encode_scale;
-        ro *= a.s.encode_scale;
+        local_max = std::max(local_max, ri);
+        mi *= a.s.encode_scale;
+        ri *= a.s.encode_scale;
       }
       const uint32_t ra = SR ? wa[i] : 0u, rb = SR ? wb[i] : 0u;
-      p[e] = round_to<PK>(out.p, ra & 0xFFFFu, kPStochastic);
-      m[e] = round_to<SK>(mo, ra >> 16, SR);
-      r[e] = round_to<SK>(ro, rb & 0xFFFFu, SR);
-      nonfinite += out.finite_grad ? 0 : 1;
+      p[e] = round_to<PK>(pi, ra & 0xFFFFu, kPStochastic);
+      m[e] = round_to<SK>(mi, ra >> 16, SR);
+      r[e] = round_to<SK>(ri, rb & 0xFFFFu, SR);
+      nonfinite += finite ? 0 : 1;
     }
   }
   amax = local_max;

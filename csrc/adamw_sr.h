@@ -19,6 +19,7 @@
 // elements and every element owns 48 bits that no other element reuses.
 #pragma once
 
+#include <math.h>
 #include <stdint.h>
 #include <string.h>
 
@@ -113,11 +114,13 @@ CF_HD float fp16_to_f32(uint16_t h) {
 // a finite x never becomes inf: the only carry into the inf exponent comes from
 // |x| in (max bf16, max fp32], which saturates to +-max bf16 (0x7F7F, 3.3895e38).
 // ---------------------------------------------------------------------------------------
+// (Written without branches or short-circuit operators so that loops over elements
+// if-convert and vectorise.)
 CF_HD uint16_t sr_bf16(float x, uint32_t r16) {
   const uint32_t u = f32_bits(x);
   const uint32_t mag = u & 0x7FFFFFFFu;
   uint32_t t = (u + r16) >> 16;
-  t -= (mag < 0x7F800000u && (t & 0x7FFFu) == 0x7F80u) ? 1u : 0u;
+  t -= (uint32_t)(mag < 0x7F800000u) & (uint32_t)((t & 0x7FFFu) == 0x7F80u);
   return (uint16_t)(mag > 0x7F800000u ? ((u >> 16) | 0x0040u) : t);
 }
 
@@ -138,32 +141,25 @@ CF_HD uint16_t rne_bf16(float x) {
 // Overflow: SR saturates finite values to +-65504 (0x7BFF), RNE follows IEEE (values
 // from 65520 on become inf, as torch's .half() does).
 // ---------------------------------------------------------------------------------------
-CF_HD uint16_t fp16_subnormal(float ax, uint32_t r16, bool stochastic) {
-  const float y = ax * 16777216.0f;  // 2^24, exact
-  if (stochastic) {
-    const float k = (float)(uint32_t)y;
-    const float frac = (y - k) * 65536.0f;  // exact
-    return (uint16_t)((uint32_t)k + ((float)r16 < frac ? 1u : 0u));
-  }
-  const float k = (y + 12582912.0f) - 12582912.0f;  // RNE to an integer, 0 <= y < 2^22
-  return (uint16_t)(uint32_t)k;
-}
-
 CF_HD uint16_t round_fp16(float x, uint32_t r16, bool stochastic) {
   const uint32_t u = f32_bits(x);
   const uint32_t sign = (u >> 16) & 0x8000u;
   const uint32_t mag = u & 0x7FFFFFFFu;
-  uint32_t out;
-  if (mag > 0x7F800000u) {
-    out = 0x7E00u;  // NaN
-  } else if (mag >= (stochastic ? 0x477FE000u : 0x477FF000u)) {  // >= 65504 (SR) / 65520 (RNE)
-    out = (mag == 0x7F800000u || !stochastic) ? 0x7C00u : 0x7BFFu;
-  } else if (mag >= 0x38800000u) {  // >= 2^-14: normal fp16
-    const uint32_t add = stochastic ? (r16 >> 3) : (0xFFFu + ((mag >> 13) & 1u));
-    out = (((mag + add) & ~0x1FFFu) >> 13) - (112u << 10);
-  } else {
-    out = fp16_subnormal(bits_f32(mag), r16, stochastic);
-  }
+  // normal range
+  const uint32_t add = stochastic ? (r16 >> 3) : (0xFFFu + ((mag >> 13) & 1u));
+  const uint32_t normal = (((mag + add) & ~0x1FFFu) >> 13) - (112u << 10);
+  // subnormal range (y = 0 for the other lanes keeps every conversion in range)
+  const bool is_sub = mag < 0x38800000u;
+  const float y = bits_f32(is_sub ? mag : 0u) * 16777216.0f;  // |x| * 2^24, exact
+  const float k = (float)(uint32_t)y;
+  const uint32_t sub = stochastic ? (uint32_t)k + (uint32_t)((float)r16 < (y - k) * 65536.0f)
+                                  : (uint32_t)((y + 12582912.0f) - 12582912.0f);
+  // overflow, inf, NaN
+  const uint32_t overflow_at = stochastic ? 0x477FE000u : 0x477FF000u;  // 65504 (SR) / 65520 (RNE)
+  const uint32_t saturated = (mag == 0x7F800000u || !stochastic) ? 0x7C00u : 0x7BFFu;
+  uint32_t out = is_sub ? sub : normal;
+  out = mag >= overflow_at ? saturated : out;
+  out = mag > 0x7F800000u ? 0x7E00u : out;
   return (uint16_t)(sign | out);
 }
 
@@ -216,25 +212,20 @@ struct TensorScalars {
   float encode_scale;  // 2^e_new (fp16 moments) or 1
 };
 
-struct ElementResult {
-  float p, m, r;
-  bool finite_grad;
-};
-
-CF_HD ElementResult adamw_element(float p, float g, float m, float r, const Hyper& h,
-                                  const TensorScalars& s) {
-  ElementResult out;
-  // A NaN/inf gradient leaves the element as it was (parameter and both moments).
-  out.finite_grad = (f32_bits(g) & 0x7FFFFFFFu) < 0x7F800000u;
+// Returns false (and leaves p, m, r as they were) when the gradient is NaN or inf: such
+// an element is skipped, parameter and both moments. (Scalars in and out by reference,
+// no result struct: the struct would be kept in memory and block vectorisation.)
+CF_HD bool adamw_element(float& p, float g, float& m, float& r, const Hyper& h, const TensorScalars& s) {
+  const bool finite_grad = (f32_bits(g) & 0x7FFFFFFFu) < 0x7F800000u;
   const float m1 = h.beta1 * m + h.one_minus_beta1 * g;
   const float v1 = h.beta2 * (r * r) + h.one_minus_beta2 * (g * g);
   const float r1 = sqrtf(v1);
   const float denom = r1 * s.inv_sqrt_bc2 + h.eps;
   const float p1 = p * h.decay - s.step_size * (m1 / denom);
-  out.p = out.finite_grad ? p1 : p;
-  out.m = out.finite_grad ? m1 : m;
-  out.r = out.finite_grad ? r1 : r;
-  return out;
+  p = finite_grad ? p1 : p;
+  m = finite_grad ? m1 : m;
+  r = finite_grad ? r1 : r;
+  return finite_grad;
 }
 
 }  // namespace clip_fast
