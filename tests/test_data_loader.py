@@ -15,6 +15,12 @@ from clip_fast.data.shards import ShardWriter, read_index, scan_shard
 BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed"))]
 
 
+@pytest.fixture(autouse=True)
+def _private_cache(tmp_path_factory, monkeypatch):
+    """Scanned-shard indexes go to a temporary cache, never to ~/.cache."""
+    monkeypatch.setenv("CLIP_FAST_CACHE", str(tmp_path_factory.getbasetemp() / "clip_fast_cache"))
+
+
 def smooth_image(rng, h, w):
     """Natural-ish content (smooth colour fields + an edge): resamplers agree on it."""
     low = rng.integers(0, 256, size=(4, 4, 3), dtype=np.uint8)

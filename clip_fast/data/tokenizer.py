@@ -28,6 +28,7 @@ import os
 from pathlib import Path
 from typing import Iterable
 
+import numpy as np
 import torch
 
 # OpenAI CLIP's pre-tokenisation pattern: contractions, runs of letters, single digits,
@@ -243,14 +244,13 @@ class Tokenizer:
         n_ctx = self.context_length if context_length is None else _check_context_length(context_length)
         # encode_batch runs on all cores in Rust; cleaning (ftfy) stays in Python.
         encodings = self._tok.encode_batch([clean_text(t) for t in texts], add_special_tokens=False)
-        out = torch.zeros(len(texts), n_ctx, dtype=torch.long)
+        out = np.zeros((len(texts), n_ctx), dtype=np.int64)
+        out[:, 0] = self.sot_token_id
         for row, enc in zip(out, encodings):
             ids = enc.ids[: n_ctx - 2]  # room for SOT and EOT: truncation keeps the EOT
-            row[0] = self.sot_token_id
-            if ids:
-                row[1 : 1 + len(ids)] = torch.tensor(ids, dtype=torch.long)
+            row[1 : 1 + len(ids)] = ids
             row[1 + len(ids)] = self.eot_token_id
-        return out
+        return torch.from_numpy(out)
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, context_length={self.context_length})"
