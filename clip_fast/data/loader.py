@@ -441,7 +441,8 @@ def build_loader(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    for name, value in (("batch_size", batch_size), ("image_size", image_size), ("world_size", world_size)):
+    for name, value in (("batch_size", batch_size), ("image_size", image_size), ("world_size", world_size),
+                        ("shuffle_buffer", shuffle_buffer)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be a positive int, got {value!r}")
     if not isinstance(rank, int) or not 0 <= rank < world_size:
