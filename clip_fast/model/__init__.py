@@ -15,6 +15,7 @@ from clip_fast.model.model import (
     VisionConfig,
     config_from_state_dict,
     create,
+    from_checkpoint,
     from_state_dict,
     get_config,
     list_models,
@@ -25,6 +26,6 @@ from clip_fast.model.model import (
 
 __all__ = [
     "CLIP", "CONFIGS", "CLIPConfig", "TextConfig", "VisionConfig", "AttentionPool2d", "attention_backend",
-    "attention_pool_reference", "config_from_state_dict", "create", "from_state_dict", "get_config",
+    "attention_pool_reference", "config_from_state_dict", "create", "from_checkpoint", "from_state_dict", "get_config",
     "list_models", "load", "load_weights", "read_checkpoint", "set_attention_backend",
 ]

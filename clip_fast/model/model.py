@@ -612,19 +612,22 @@ def read_checkpoint(path: str) -> dict[str, Any]:
     return obj
 
 
-def load(path: str, device: torch.device | str = "cpu", quick_gelu: bool | None = None) -> CLIP:
-    """Load a checkpoint file (see read_checkpoint) into a CLIP in eval mode on `device`.
+def from_checkpoint(ckpt: dict[str, Any], quick_gelu: bool | None = None) -> CLIP:
+    """A CLIP from the content of a checkpoint (see read_checkpoint), in eval mode.
 
     clip_fast checkpoints carry their config; for bare state_dicts the config is inferred
     and the activation is QuickGELU unless `quick_gelu=False` (state_dicts do not record it).
     """
-    ckpt = read_checkpoint(path)
     if "model" in ckpt and "config" in ckpt:
         config = CLIPConfig.from_dict(ckpt["config"])
         if quick_gelu is not None:
             config = dataclasses.replace(config, quick_gelu=quick_gelu)
-        model = load_weights(CLIP(config), ckpt["model"])
-    else:
-        sd = ckpt["state_dict"] if isinstance(ckpt.get("state_dict"), dict) else ckpt
-        model = from_state_dict(sd, quick_gelu=True if quick_gelu is None else quick_gelu)
-    return model.to(device).eval()
+        return load_weights(CLIP(config), ckpt["model"]).eval()
+    sd = ckpt["state_dict"] if isinstance(ckpt.get("state_dict"), dict) else ckpt
+    return from_state_dict(sd, quick_gelu=True if quick_gelu is None else quick_gelu)
+
+
+def load(path: str, device: torch.device | str = "cpu", quick_gelu: bool | None = None) -> CLIP:
+    """Load a checkpoint file (clip_fast, open_clip, bare state_dict or OpenAI TorchScript)
+    into a CLIP in eval mode on `device`."""
+    return from_checkpoint(read_checkpoint(path), quick_gelu).to(device)
