@@ -544,7 +544,8 @@ class AdamW(torch.optim.Optimizer):
         if _backend.use_triton(*params):
             from clip_fast.kernels import adamw as kernels
 
-            count = kernels.adamw_step(params, grads, states, keys, steps, lr, hyper, sr)
+            scalars = [TensorScalars(lr, beta1, beta2, t) for t in steps]
+            count = kernels.adamw_step(params, grads, states, keys, scalars, hyper, sr)
         else:
             if fp16_state:
                 e_old = [int(s["moment_exp"]) for s in states]

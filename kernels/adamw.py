@@ -1,0 +1,387 @@
+"""Triton kernels of clip_fast.optim.AdamW: one fused multi-tensor launch per parameter
+group, and the stochastic-rounding cast on its own.
+
+Multi-tensor launch: the host packs, per tensor, its data pointers, size, Philox key and
+step scalars into one int64 table (`META_COLS` columns, one H2D copy per step) and cuts
+every tensor into BLOCK-element blocks; program i reads its (tensor, block) pair from a
+block table and casts the tensor's int64 addresses to typed pointers. So a group of ~200
+CLIP tensors is one launch, however uneven their sizes, with no per-tensor Python loop
+of launches.
+
+Numerics follow csrc/adamw_sr.h exactly (the spec; bit-for-bit equal to the C++ and
+torch paths given the same random bits): every rounding to 16 bits is integer work on
+the fp32 bit pattern, sqrt and division are the correctly rounded sqrt_rn/div_rn, and the
+launch disables FMA contraction (enable_fp_fusion=False). The kernel is memory bound
+(~12-14 bytes per element for bf16 weights, grads and moments), so neither costs time.
+
+Random bits: tl.randint4x(key, e >> 1) gives (w0, w1, w2, w3) for the element pair
+(e, e+1); tl.interleave spreads them so element e gets (a, b) = (w0, w1) if e is even,
+(w2, w3) if odd: one Philox evaluation per two elements, the stream of the C++ kernel.
+"""
+from __future__ import annotations
+
+import functools
+import struct
+
+import torch
+import triton
+import triton.language as tl
+
+from clip_fast.aot import KernelConfig
+
+BLOCK = 1024  # elements per program (must be even: Philox pairs)
+NUM_WARPS = 4
+META_COLS = tl.constexpr(9)  # p, g, m, r, rand, numel, key, step_size bits, inv_sqrt_bc2 bits
+KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
+TARGET_EXP = tl.constexpr(8)  # same constants as clip_fast.optim
+EXP_LIMIT = tl.constexpr(100)
+
+
+@triton.jit
+def _decode(raw, KIND: tl.constexpr):
+    """Stored element -> fp32 (exact). Half formats arrive as raw uint16 bits."""
+    if KIND == 0:
+        return raw
+    elif KIND == 1:
+        return (raw.to(tl.uint32) << 16).to(tl.float32, bitcast=True)
+    else:
+        return raw.to(tl.float16, bitcast=True).to(tl.float32)
+
+
+@triton.jit
+def _bf16_bits(x, r16, STOCHASTIC: tl.constexpr):
+    """fp32 -> bf16 bits (uint16): SR with 16 random bits r16, else nearest-even."""
+    u = x.to(tl.uint32, bitcast=True)
+    mag = u & 0x7FFFFFFF
+    if STOCHASTIC:
+        t = (u + r16) >> 16
+        # A finite value never carries into the inf exponent: saturate to max bf16.
+        t = t - ((mag < 0x7F800000) & ((t & 0x7FFF) == 0x7F80)).to(tl.uint32)
+    else:
+        t = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
+    out = tl.where(mag > 0x7F800000, (u >> 16) | 0x40, t)
+    return out.to(tl.uint16)
+
+
+@triton.jit
+def _fp16_bits(x, r16, STOCHASTIC: tl.constexpr):
+    """fp32 -> fp16 bits (uint16): SR (saturating at 65504) or nearest-even (IEEE)."""
+    u = x.to(tl.uint32, bitcast=True)
+    sign = (u >> 16) & 0x8000
+    mag = u & 0x7FFFFFFF
+    if STOCHASTIC:
+        add = r16 >> 3
+    else:
+        add = 0xFFF + ((mag >> 13) & 1)
+    normal = (((mag + add) & 0xFFFFE000) >> 13) - (112 << 10)
+    is_sub = mag < 0x38800000
+    y = tl.where(is_sub, mag, 0).to(tl.float32, bitcast=True) * 16777216.0  # |x| * 2^24, exact
+    if STOCHASTIC:
+        k = y.to(tl.uint32)
+        sub = k + (r16.to(tl.float32) < (y - k.to(tl.float32)) * 65536.0).to(tl.uint32)
+        overflow_at: tl.constexpr = 0x477FE000
+        saturated = tl.where(mag == 0x7F800000, 0x7C00, 0x7BFF)
+    else:
+        sub = ((y + 12582912.0) - 12582912.0).to(tl.uint32)
+        overflow_at: tl.constexpr = 0x477FF000
+        saturated = tl.full(x.shape, 0x7C00, tl.uint32)
+    out = tl.where(is_sub, sub, normal)
+    out = tl.where(mag >= overflow_at, saturated.to(tl.uint32), out)
+    out = tl.where(mag > 0x7F800000, 0x7E00, out)
+    return (sign | out).to(tl.uint16)
+
+
+@triton.jit
+def _encode(x, r16, KIND: tl.constexpr, STOCHASTIC: tl.constexpr):
+    if KIND == 0:
+        return x
+    elif KIND == 1:
+        return _bf16_bits(x, r16, STOCHASTIC)
+    else:
+        return _fp16_bits(x, r16, STOCHASTIC)
+
+
+@triton.jit
+def _typed_ptr(address, KIND: tl.constexpr):
+    if KIND == 0:
+        return address.to(tl.pointer_type(tl.float32))
+    else:
+        return address.to(tl.pointer_type(tl.uint16))
+
+
+@triton.jit
+def _adamw_kernel(
+    meta_ptr,  # (T, META_COLS) int64
+    blocks_ptr,  # (n_blocks, 2) int32: tensor index, block index in the tensor
+    exp_in_ptr,  # (T,) int32: exponent e of the stored fp16 moments
+    amax_in_ptr,  # (T,) fp32: max sqrt(v) after the previous step
+    exp_out_ptr,  # (T,) int32: exponent used for this step's stores
+    amax_out_ptr,  # (T,) fp32, zeroed: max sqrt(v) after this step
+    count_ptr,  # (T,) int32, zeroed: elements skipped for non-finite gradients
+    beta1,
+    one_minus_beta1,
+    beta2,
+    one_minus_beta2,
+    decay,
+    eps,
+    P_KIND: tl.constexpr,
+    G_KIND: tl.constexpr,
+    S_KIND: tl.constexpr,
+    SR: tl.constexpr,
+    EXPLICIT: tl.constexpr,  # random words from a tensor (tests) instead of Philox
+    BLOCK: tl.constexpr,
+):
+    pid = tl.program_id(0)
+    t = tl.load(blocks_ptr + 2 * pid).to(tl.int64)
+    blk = tl.load(blocks_ptr + 2 * pid + 1).to(tl.int64)
+    row = meta_ptr + t * META_COLS
+    numel = tl.load(row + 5)
+    step_size = tl.load(row + 7).to(tl.int32).to(tl.float32, bitcast=True)
+    inv_sqrt_bc2 = tl.load(row + 8).to(tl.int32).to(tl.float32, bitcast=True)
+    p_ptr = _typed_ptr(tl.load(row + 0), P_KIND)
+    g_ptr = _typed_ptr(tl.load(row + 1), G_KIND)
+    m_ptr = _typed_ptr(tl.load(row + 2), S_KIND)
+    r_ptr = _typed_ptr(tl.load(row + 3), S_KIND)
+
+    offs = blk * BLOCK + tl.arange(0, BLOCK)  # (BLOCK,) int64
+    mask = offs < numel
+    p = _decode(tl.load(p_ptr + offs, mask=mask, other=0), P_KIND)
+    g = _decode(tl.load(g_ptr + offs, mask=mask, other=0), G_KIND)
+    m = _decode(tl.load(m_ptr + offs, mask=mask, other=0), S_KIND)
+    r = _decode(tl.load(r_ptr + offs, mask=mask, other=0), S_KIND)
+    if S_KIND == 2:
+        # fp16 moments are stored times 2^e; e for this step comes from last step's max.
+        e_old = tl.load(exp_in_ptr + t)
+        a_prev = tl.load(amax_in_ptr + t)
+        biased = (a_prev.to(tl.int32, bitcast=True) >> 23) & 0xFF
+        e_new = tl.minimum(tl.maximum(-(biased - (127 + TARGET_EXP)), -EXP_LIMIT), EXP_LIMIT)
+        e_new = tl.where((a_prev > 0.0) & (biased < 255), e_new, e_old)
+        m = m * ((127 - e_old) << 23).to(tl.float32, bitcast=True)
+        r = r * ((127 - e_old) << 23).to(tl.float32, bitcast=True)
+
+    finite = (g.to(tl.uint32, bitcast=True) & 0x7FFFFFFF) < 0x7F800000
+    m1 = beta1 * m + one_minus_beta1 * g
+    v1 = beta2 * (r * r) + one_minus_beta2 * (g * g)
+    r1 = tl.sqrt_rn(v1)
+    denom = r1 * inv_sqrt_bc2 + eps
+    p1 = p * decay - step_size * tl.div_rn(m1, denom)
+    p = tl.where(finite, p1, p)
+    m = tl.where(finite, m1, m)
+    r = tl.where(finite, r1, r)
+
+    if S_KIND == 2:
+        tl.atomic_max(amax_out_ptr + t, tl.max(tl.where(mask, r, 0.0), axis=0))
+        tl.store(exp_out_ptr + t, e_new)  # every program of tensor t writes the same value
+        m = m * ((127 + e_new) << 23).to(tl.float32, bitcast=True)
+        r = r * ((127 + e_new) << 23).to(tl.float32, bitcast=True)
+
+    if SR:
+        if EXPLICIT:
+            rand_ptr = tl.load(row + 4).to(tl.pointer_type(tl.int32))
+            wa = tl.load(rand_ptr + 2 * offs, mask=mask, other=0).to(tl.uint32, bitcast=True)
+            wb = tl.load(rand_ptr + 2 * offs + 1, mask=mask, other=0).to(tl.uint32, bitcast=True)
+        else:
+            key = tl.load(row + 6)
+            pairs = blk * (BLOCK // 2) + tl.arange(0, BLOCK // 2)  # Philox counters e >> 1
+            w0, w1, w2, w3 = tl.randint4x(key, pairs)
+            wa = tl.interleave(w0, w2)
+            wb = tl.interleave(w1, w3)
+        r_p = wa & 0xFFFF
+        r_m = wa >> 16
+        r_r = wb & 0xFFFF
+    else:
+        r_p = tl.zeros((BLOCK,), tl.uint32)
+        r_m = r_p
+        r_r = r_p
+    P_SR: tl.constexpr = SR and P_KIND == 1  # SR for bf16 weights only
+    tl.store(p_ptr + offs, _encode(p, r_p, P_KIND, P_SR), mask=mask)
+    tl.store(m_ptr + offs, _encode(m, r_m, S_KIND, SR), mask=mask)
+    tl.store(r_ptr + offs, _encode(r, r_r, S_KIND, SR), mask=mask)
+    skipped = tl.sum((mask & (finite == 0)).to(tl.int32), axis=0)
+    if skipped > 0:
+        tl.atomic_add(count_ptr + t, skipped)
+
+
+@triton.jit
+def _stochastic_round_kernel(
+    x_ptr,  # (N,) fp32
+    y_ptr,  # (N,) bf16 viewed as int16
+    rand_ptr,  # (N,) int32 random words (EXPLICIT) or unused
+    key,  # Philox key (int64)
+    numel,
+    EXPLICIT: tl.constexpr,
+    BLOCK: tl.constexpr,
+):
+    blk = tl.program_id(0).to(tl.int64)
+    offs = blk * BLOCK + tl.arange(0, BLOCK)
+    mask = offs < numel
+    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
+    if EXPLICIT:
+        wa = tl.load(rand_ptr + offs, mask=mask, other=0).to(tl.uint32, bitcast=True)
+    else:
+        w0, w1, w2, w3 = tl.randint4x(key, blk * (BLOCK // 2) + tl.arange(0, BLOCK // 2))
+        wa = tl.interleave(w0, w2)
+    y = _bf16_bits(x, wa & 0xFFFF, True)
+    tl.store(y_ptr + offs, y.to(tl.int16, bitcast=True), mask=mask)
+
+
+# --------------------------------------------------------------------------------------
+# Launchers
+# --------------------------------------------------------------------------------------
+def _f32_bits(x: float) -> int:
+    return struct.unpack("<i", struct.pack("<f", x))[0]
+
+
+@functools.lru_cache(maxsize=64)
+def _block_table(numels: tuple[int, ...], device: torch.device) -> torch.Tensor:
+    """(n_blocks, 2) int32 [tensor index, block index]; cached per set of tensor sizes."""
+    rows = [(t, b) for t, n in enumerate(numels) for b in range(triton.cdiv(n, BLOCK))]
+    return torch.tensor(rows, dtype=torch.int32).reshape(-1, 2).to(device)
+
+
+def adamw_step(
+    params: list[torch.Tensor],
+    grads: list[torch.Tensor],
+    states: list[dict],
+    keys: list[int],
+    scalars: list,
+    hyper,
+    stochastic: bool,
+    rand: list[torch.Tensor] | None = None,
+) -> torch.Tensor:
+    """One fused launch over same-dtype tensors of a group; updates `states` in place.
+
+    scalars: per tensor, objects with step_size and inv_sqrt_bc2 (fp32-rounded floats).
+    rand: optional int32 (numel, 2) random words per tensor (tests); else Philox(keys).
+    Returns the number of elements skipped for non-finite gradients (0-dim device tensor).
+    """
+    device = params[0].device
+    T = len(params)
+    exp_avgs = [s["exp_avg"] for s in states]
+    rms = [s["exp_avg_rms"] for s in states]
+    rows = []
+    for i in range(T):
+        rows.append(
+            [
+                params[i].data_ptr(),
+                grads[i].data_ptr(),
+                exp_avgs[i].data_ptr(),
+                rms[i].data_ptr(),
+                rand[i].data_ptr() if rand is not None else 0,
+                params[i].numel(),
+                keys[i],
+                _f32_bits(scalars[i].step_size),
+                _f32_bits(scalars[i].inv_sqrt_bc2),
+            ]
+        )
+    meta = torch.tensor(rows, dtype=torch.int64)
+    if device.type == "cuda":
+        meta = meta.pin_memory().to(device, non_blocking=True)
+    blocks = _block_table(tuple(p.numel() for p in params), device)
+    counts = torch.zeros(T, dtype=torch.int32, device=device)
+    s_kind = KIND[exp_avgs[0].dtype]
+    if s_kind == 2:
+        exp_in = torch.stack([s["moment_exp"] for s in states])
+        amax_in = torch.stack([s["rms_amax"] for s in states])
+        exp_out = torch.empty_like(exp_in)
+        amax_out = torch.zeros_like(amax_in)
+    else:
+        exp_in = exp_out = counts
+        amax_in = amax_out = counts.view(torch.float32)
+    if blocks.shape[0] > 0:
+        _adamw_kernel[(blocks.shape[0],)](
+            meta,
+            blocks,
+            exp_in,
+            amax_in,
+            exp_out,
+            amax_out,
+            counts,
+            *hyper.args(),
+            P_KIND=KIND[params[0].dtype],
+            G_KIND=KIND[grads[0].dtype],
+            S_KIND=s_kind,
+            SR=bool(stochastic),
+            EXPLICIT=rand is not None,
+            BLOCK=BLOCK,
+            num_warps=NUM_WARPS,
+            enable_fp_fusion=False,
+        )
+    if s_kind == 2:
+        torch._foreach_copy_([s["moment_exp"] for s in states], list(exp_out.unbind()))
+        torch._foreach_copy_([s["rms_amax"] for s in states], list(amax_out.unbind()))
+    torch._foreach_add_([s["nonfinite_count"] for s in states], list(counts.to(torch.int64).unbind()))
+    return counts.sum()
+
+
+def stochastic_round(x: torch.Tensor, key: int, rand: torch.Tensor | None = None) -> torch.Tensor:
+    """fp32 -> bf16 with SR (contiguous x); rand: int32 per element (low 16 bits used)."""
+    y = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
+    n = x.numel()
+    if n:
+        _stochastic_round_kernel[(triton.cdiv(n, BLOCK),)](
+            x,
+            y.view(torch.int16),
+            rand if rand is not None else x,
+            key,
+            n,
+            EXPLICIT=rand is not None,
+            BLOCK=BLOCK,
+            num_warps=NUM_WARPS,
+        )
+    return y
+
+
+# --------------------------------------------------------------------------------------
+# Ahead-of-time compile configurations (clip_fast.aot)
+# --------------------------------------------------------------------------------------
+_ADAMW_SIGNATURE = {
+    "meta_ptr": "*i64",
+    "blocks_ptr": "*i32",
+    "exp_in_ptr": "*i32",
+    "amax_in_ptr": "*fp32",
+    "exp_out_ptr": "*i32",
+    "amax_out_ptr": "*fp32",
+    "count_ptr": "*i32",
+    "beta1": "fp32",
+    "one_minus_beta1": "fp32",
+    "beta2": "fp32",
+    "one_minus_beta2": "fp32",
+    "decay": "fp32",
+    "eps": "fp32",
+    "P_KIND": "constexpr",
+    "G_KIND": "constexpr",
+    "S_KIND": "constexpr",
+    "SR": "constexpr",
+    "EXPLICIT": "constexpr",
+    "BLOCK": "constexpr",
+}
+_NAMES = {0: "fp32", 1: "bf16", 2: "fp16"}
+
+
+def aot_configs() -> list[KernelConfig]:
+    """The launcher's production configurations (EXPLICIT=True is a test-only path)."""
+    combos = [  # (param, grad, state, SR)
+        (1, 1, 1, True),  # the default: bf16 weights, grads and moments, 6 bytes/param
+        (1, 1, 2, True),
+        (1, 1, 0, True),
+        (1, 1, 1, False),
+        (0, 0, 0, False),
+        (2, 2, 2, True),
+    ]
+    configs = []
+    for pk, gk, sk, sr in combos:
+        name = f"adamw_sr[p={_NAMES[pk]},g={_NAMES[gk]},m={_NAMES[sk]},{'sr' if sr else 'rne'}]"
+        constexprs = dict(P_KIND=pk, G_KIND=gk, S_KIND=sk, SR=sr, EXPLICIT=False, BLOCK=BLOCK)
+        configs.append(KernelConfig(name, _adamw_kernel, _ADAMW_SIGNATURE, constexprs, num_warps=NUM_WARPS))
+    configs.append(
+        KernelConfig(
+            "stochastic_round_bf16",
+            _stochastic_round_kernel,
+            {"x_ptr": "*fp32", "y_ptr": "*i16", "rand_ptr": "*i32", "key": "i64", "numel": "i64",
+             "EXPLICIT": "constexpr", "BLOCK": "constexpr"},
+            dict(EXPLICIT=False, BLOCK=BLOCK),
+            num_warps=NUM_WARPS,
+        )
+    )
+    return configs
