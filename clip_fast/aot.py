@@ -5,7 +5,8 @@ target (sm_80, sm_90), and the cubin's resource usage is read with the cuobjdump
 ships inside triton. This is rung 4 of the verification ladder (DESIGN.md §7):
 
 - shared memory (`metadata.shared`) within the device's per-block limit,
-- no local memory (LOCAL:0 in `cuobjdump --dump-resource-usage`: no register spills),
+- no local memory and no stack frame (LOCAL:0 and STACK:0 in
+  `cuobjdump --dump-resource-usage`: no register spills),
 - tensor-core instructions in the PTX of kernels that multiply matrices
   (`wgmma` on sm_90, `mma.sync` on sm_80).
 
@@ -61,6 +62,10 @@ class CompileReport:
             found.append(f"shared memory {self.shared_bytes} B exceeds the sm_{self.arch} limit {limit} B")
         if self.local_bytes != 0:
             found.append(f"LOCAL:{self.local_bytes} (register spills)")
+        if self.stack_bytes != 0:
+            # ptxas puts spilled registers in the stack frame; cuobjdump can show
+            # LOCAL:0 with a non-zero STACK for exactly that case.
+            found.append(f"STACK:{self.stack_bytes} (stack frame: register spills)")
         if uses_tensor_cores:
             if self.arch >= 90 and not self.has_wgmma:
                 found.append("no wgmma instruction in the sm_90 PTX")

@@ -1,0 +1,316 @@
+"""ContrastiveLoss: open_clip's ClipLoss computed blockwise, never storing B x B logits.
+
+S = logit_scale * I @ T.T (+ logit_bias), labels on the diagonal,
+L = (CE_rows(S) + CE_cols(S)) / 2 = ( mean_i(row_lse[i] - S[i,i]) + mean_j(col_lse[j] - S[j,j]) ) / 2.
+
+With G[i,j] = exp(S[i,j] - row_lse[i]) + exp(S[i,j] - col_lse[j]) - 2*[i == j]:
+dI = s/(2B) * G @ T, dT = s/(2B) * G.T @ I, d(logit_scale) = 1/(2B) * sum_ij G[i,j] * (I[i] . T[j]),
+d(logit_bias) = 1/(2B) * sum_ij G[i,j] = 0 exactly (returned as a zero tensor, not None).
+
+Two ops carry all the O(B^2 D) work and dispatch on the device (clip_fast._backend):
+`lse_stats` (one pass over S) and `logit_grads` (recomputes S; G @ T and G.T @ I).
+CUDA tensors run the Triton kernels of clip_fast.kernels.contrastive; CPU tensors run
+the same blockwise algorithm in torch, a chunk of rows at a time, so extra memory is
+O(B*D + chunk*B). Everything else here is O(B*D).
+"""
+from __future__ import annotations
+
+from typing import Union
+
+import torch
+from torch import nn
+
+from clip_fast._backend import use_triton
+
+# Elements of one (chunk x N) block of S on the CPU path: 2^23 fp32 = 32 MiB. Backward
+# holds two such blocks, forward one plus logsumexp's temporary.
+CPU_BLOCK_ELEMENTS = 1 << 23
+
+_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+# ----------------------------------------------------------------------------- CPU path
+
+
+def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def _row_chunk(n_cols: int) -> int:
+    return max(1, CPU_BLOCK_ELEMENTS // max(n_cols, 1))
+
+
+def _torch_lse_stats(
+    image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    cd = _compute_dtype(image.dtype)
+    image, text = image.to(cd), text.to(cd)
+    scale = scale.to(cd)
+    M, N = image.shape[0], text.shape[0]
+    row_lse = torch.empty(M, dtype=cd, device=image.device)
+    col_lse = torch.full((N,), float("-inf"), dtype=cd, device=image.device)
+    text_t = text.t()
+    for start in range(0, M, _row_chunk(N)):
+        logits = torch.mm(image[start : start + _row_chunk(N)], text_t).mul_(scale)  # (chunk, N)
+        if bias is not None:
+            logits.add_(bias.to(cd))
+        row_lse[start : start + logits.shape[0]] = torch.logsumexp(logits, dim=1)
+        col_lse = torch.logaddexp(col_lse, torch.logsumexp(logits, dim=0))
+    return row_lse, col_lse
+
+
+def _torch_logit_grads(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    row_lse: torch.Tensor,
+    col_lse: torch.Tensor,
+    diag_offset: int,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    cd = _compute_dtype(image.dtype)
+    image, text = image.to(cd), text.to(cd)
+    scale = scale.to(cd)
+    row_lse, col_lse = row_lse.to(cd), col_lse.to(cd)
+    M, N = image.shape[0], text.shape[0]
+    g_text = torch.empty(M, text.shape[1], dtype=cd, device=image.device)
+    g_image = torch.zeros(N, image.shape[1], dtype=cd, device=image.device)
+    text_t = text.t()
+    chunk = _row_chunk(N)
+    for start in range(0, M, chunk):
+        rows = slice(start, start + chunk)
+        logits = torch.mm(image[rows], text_t).mul_(scale)  # (chunk, N)
+        if bias is not None:
+            logits.add_(bias.to(cd))
+        g = torch.sub(logits, row_lse[rows, None]).exp_()
+        g.add_(logits.sub_(col_lse).exp_())  # row softmax + column softmax
+        del logits
+        g.diagonal(start + diag_offset).sub_(2.0)  # labels (empty view when off this chunk)
+        torch.mm(g, text, out=g_text[rows])
+        g_image.addmm_(g.t(), image[rows])
+    return g_text, g_image
+
+
+# ----------------------------------------------------------------------------- dispatch
+
+
+def _as_triton_operand(x: torch.Tensor) -> torch.Tensor:
+    return x if x.stride(-1) == 1 else x.contiguous()
+
+
+def lse_stats(
+    image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column logsumexp of S = scale * image @ text.T + bias, one pass over S.
+
+    image (M, D), text (N, D) of one dtype; scale and bias one-element tensors.
+    Returns (row_lse (M,), col_lse (N,)) in fp32 (fp64 for fp64 inputs); col_lse is
+    over the M given rows only (the distributed loss merges it across ranks).
+    """
+    if use_triton(image, text) and image.dtype != torch.float64:
+        from clip_fast.kernels import contrastive
+
+        return contrastive.lse_forward(
+            _as_triton_operand(image), _as_triton_operand(text), _scalar32(scale), _scalar32(bias)
+        )
+    return _torch_lse_stats(image, text, scale.reshape(()), None if bias is None else bias.reshape(()))
+
+
+def logit_grads(
+    image: torch.Tensor,
+    text: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    row_lse: torch.Tensor,
+    col_lse: torch.Tensor,
+    diag_offset: int = 0,
+    deterministic: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """G @ text (M, D) and G.T @ image (N, D) for
+    G = exp(S - row_lse[:, None]) + exp(S - col_lse[None, :]) - 2E, E[i, j] = [j == i + diag_offset].
+
+    No 1/(2B) factor: the caller applies it. The label term is subtracted before G
+    is rounded to the input dtype. fp32 results (fp64 for fp64 inputs).
+    `deterministic` avoids floating-point atomics on GPU (one more pass over S).
+    """
+    if use_triton(image, text) and image.dtype != torch.float64:
+        from clip_fast.kernels import contrastive
+
+        return contrastive.grad_backward(
+            _as_triton_operand(image), _as_triton_operand(text), _scalar32(scale), _scalar32(bias),
+            row_lse.float().contiguous(), col_lse.float().contiguous(),
+            diag_offset=diag_offset, deterministic=deterministic,
+        )
+    return _torch_logit_grads(
+        image, text, scale.reshape(()), None if bias is None else bias.reshape(()), row_lse, col_lse, diag_offset
+    )
+
+
+def _scalar32(x: torch.Tensor | None) -> torch.Tensor | None:
+    return None if x is None else x.detach().reshape(1).to(torch.float32)
+
+
+# ----------------------------------------------------------------------------- autograd
+
+
+class _ContrastiveLossFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, image, text, scale, bias, deterministic):
+        row_lse, col_lse = lse_stats(image, text, scale, bias)
+        cd = row_lse.dtype
+        diag_dot = torch.einsum("bd,bd->b", image.to(cd), text.to(cd))  # (B,) I[i] . T[i]
+        diag = diag_dot * scale.to(cd).reshape(())
+        if bias is not None:
+            diag = diag + bias.to(cd).reshape(())
+        loss = ((row_lse - diag).mean() + (col_lse - diag).mean()) / 2
+        # A non-finite input must never produce a finite loss (inf - inf cancellations
+        # could otherwise hide it); two O(B*D) reductions, no host sync.
+        finite = torch.isfinite(image).all() & torch.isfinite(text).all()
+        loss = torch.where(finite, loss, torch.full_like(loss, float("nan")))
+        ctx.save_for_backward(image, text, scale, bias, row_lse, col_lse)
+        ctx.deterministic = deterministic
+        return loss.to(torch.promote_types(image.dtype, torch.float32))
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        image, text, scale, bias, row_lse, col_lse = ctx.saved_tensors
+        B = image.shape[0]
+        cd = row_lse.dtype
+        g_text, g_image = logit_grads(image, text, scale, bias, row_lse, col_lse, 0, ctx.deterministic)
+        coef = grad_loss.to(cd) / (2 * B)
+        grad_image = grad_text = grad_scale = grad_bias = None
+        if ctx.needs_input_grad[2]:
+            # sum_ij G[i,j] (I[i] . T[j]) = sum_i I[i] . (G @ T)[i]: O(B*D), no pass over S.
+            g_dot = torch.einsum("bd,bd->", image.to(cd), g_text)
+            grad_scale = (coef * g_dot).to(scale.dtype).reshape(scale.shape)
+        s = scale.to(cd).reshape(())
+        if ctx.needs_input_grad[0]:
+            grad_image = g_text.mul_(coef * s).to(image.dtype)
+        if ctx.needs_input_grad[1]:
+            grad_text = g_image.mul_(coef * s).to(text.dtype)
+        if bias is not None and ctx.needs_input_grad[3]:
+            grad_bias = torch.zeros_like(bias)
+        return grad_image, grad_text, grad_scale, grad_bias, None
+
+
+# ----------------------------------------------------------------------------- module
+
+
+def _check_inputs(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None,
+) -> None:
+    for name, x in (("image_features", image_features), ("text_features", text_features)):
+        if not isinstance(x, torch.Tensor):
+            raise ValueError(f"{name} must be a torch.Tensor of shape (batch, dim), got {type(x).__name__}")
+        if x.dim() != 2:
+            raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(x.shape)}")
+        if x.dtype not in _FLOAT_DTYPES:
+            raise ValueError(f"{name} must be fp16, bf16, fp32 or fp64, got {x.dtype}")
+        if x.shape[0] < 1 or x.shape[1] < 1:
+            raise ValueError(f"{name} must have batch >= 1 and dim >= 1, got shape {tuple(x.shape)}")
+    if image_features.shape != text_features.shape:
+        raise ValueError(
+            f"image_features and text_features must have the same shape (batch, dim), got "
+            f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
+        )
+    if image_features.device != text_features.device:
+        raise ValueError(
+            f"image_features and text_features must be on one device, got {image_features.device} "
+            f"and {text_features.device}"
+        )
+    if image_features.dtype != text_features.dtype:
+        raise ValueError(
+            f"image_features and text_features must have one dtype, got {image_features.dtype} "
+            f"and {text_features.dtype}"
+        )
+    for name, x in (("logit_scale", logit_scale), ("logit_bias", logit_bias)):
+        if x is None:
+            continue
+        if not isinstance(x, torch.Tensor) or x.numel() != 1:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"{name} must be a scalar tensor (one element), got {shape}")
+        if x.device != image_features.device:
+            raise ValueError(f"{name} must be on the features' device {image_features.device}, got {x.device}")
+        if not x.is_floating_point():
+            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
+
+
+Scalar = Union[torch.Tensor, float]
+
+
+class ContrastiveLoss(nn.Module):
+    """Drop-in for open_clip's `ClipLoss` that never materialises the B x B logits.
+
+    Same constructor and call as open_clip 3.x; `logit_scale` is the already
+    exponentiated scale (as open_clip's models return it). Extra keyword:
+    `deterministic=True` trades one more pass over S for a bitwise-reproducible
+    backward on GPU (no floating-point atomics).
+
+    Example:
+        loss_fn = ContrastiveLoss()
+        loss = loss_fn(image_features, text_features, model.logit_scale.exp())
+    """
+
+    def __init__(
+        self,
+        local_loss: bool = False,
+        gather_with_grad: bool = False,
+        cache_labels: bool = False,
+        rank: int = 0,
+        world_size: int = 1,
+        use_horovod: bool = False,
+        deterministic: bool = False,
+    ) -> None:
+        super().__init__()
+        self.local_loss = local_loss
+        self.gather_with_grad = gather_with_grad
+        self.cache_labels = cache_labels  # no label tensor exists here; kept for API parity
+        self.rank = rank
+        self.world_size = world_size
+        self.use_horovod = use_horovod
+        self.deterministic = deterministic
+
+    def forward(
+        self,
+        image_features: torch.Tensor,
+        text_features: torch.Tensor,
+        logit_scale: Scalar,
+        logit_bias: Scalar | None = None,
+        output_dict: bool = False,
+    ) -> torch.Tensor | dict[str, torch.Tensor]:
+        device = image_features.device if isinstance(image_features, torch.Tensor) else None
+        if isinstance(logit_scale, (int, float)):
+            logit_scale = torch.tensor(float(logit_scale), device=device)
+        if isinstance(logit_bias, (int, float)):
+            logit_bias = torch.tensor(float(logit_bias), device=device)
+        _check_inputs(image_features, text_features, logit_scale, logit_bias)
+        if self.world_size > 1:
+            raise NotImplementedError(
+                "ContrastiveLoss with world_size > 1 (the sharded-similarity loss) is not implemented yet"
+            )
+        loss = _ContrastiveLossFunction.apply(
+            image_features, text_features, logit_scale, logit_bias, self.deterministic
+        )
+        return {"contrastive_loss": loss} if output_dict else loss
+
+
+def reference_clip_loss(
+    image_features: torch.Tensor,
+    text_features: torch.Tensor,
+    logit_scale: torch.Tensor,
+    logit_bias: torch.Tensor | None = None,
+) -> torch.Tensor:
+    """The materialised loss in plain torch (B x B logits), for tests and baselines."""
+    logits = logit_scale * image_features @ text_features.t()
+    if logit_bias is not None:
+        logits = logits + logit_bias
+    labels = torch.arange(logits.shape[0], device=logits.device)
+    return (
+        torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.t(), labels)
+    ) / 2
+
+
+__all__ = ["ContrastiveLoss", "lse_stats", "logit_grads", "reference_clip_loss"]

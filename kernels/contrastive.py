@@ -1,0 +1,392 @@
+"""Blockwise contrastive (InfoNCE) statistics and gradients without storing S.
+
+For image features A (M, D), text features B (N, D), logit scale s and bias b, the
+logits are S = s * A @ B.T + b. Nothing of size M x N is ever written to memory:
+
+- `lse_forward` makes ONE pass over S and returns both directions' log-sum-exp:
+  row_lse[i] = logsumexp_j S[i, j] (online, per program) and col_lse[j] =
+  logsumexp_i S[i, j], kept as per-program partials (P, N) and merged by a small
+  reduction, so no program ever waits on another.
+- `grad_backward` recomputes S tile by tile and contracts
+  G[i, j] = exp(S[i, j] - row_lse[i]) + exp(S[i, j] - col_lse[j]) - 2 * [j == i + diag_offset]
+  with both feature matrices: grad_a = G @ B and grad_b = G.T @ A. The program that
+  owns a row block owns those rows of grad_a (plain read-modify-write, no atomics);
+  grad_b gets fp32 atomics. Deterministic mode runs the kernel twice with the roles of
+  A and B swapped (P is symmetric in them) and no atomics.
+
+Passes over S (one pass = 2*M*N*D FLOPs): forward 1, backward 3 (S, P@B, P.T@A), so 4
+in all; 5 in deterministic mode. The label term is subtracted in fp32 inside the kernel,
+before G is rounded to the input dtype: when the model is confident P[i, i] is close to 2
+and the gradient is the small difference, which a bf16 copy of P would lose. The 1/(2B)
+normaliser and the logit-scale gradient are O(B*D) and live with the caller
+(clip_fast/loss.py).
+
+Numerics: A and B feed tl.dot in their own dtype (bf16/fp16 on tensor cores, fp32 as
+3xTF32) with fp32 accumulation. All softmax math is fp32 in base 2 (exp2/log2 are the
+native MUFU instructions) with running maxima: the logit scale reaches 100, and an
+unnormalised feature can push S far beyond exp's fp32 range (~88.7).
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from clip_fast.aot import KernelConfig
+
+LOG2E = 1.4426950408889634
+LN2 = 0.6931471805599453
+
+_TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
+
+
+@triton.jit
+def _dot(x, y, acc, INPUT_PRECISION: tl.constexpr, WIDEN: tl.constexpr):
+    # Triton 3.8's interpreter multiplies bf16 operands as raw integers. Under the
+    # interpreter (only) bf16 operands are widened to fp32 first: bf16 products are
+    # exact in fp32, so this is the tensor cores' math (fp32 accumulation) and the
+    # tests still see every bf16 rounding the GPU path makes (of A, B and P).
+    if WIDEN:
+        return tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
+    return tl.dot(x, y, acc, input_precision=INPUT_PRECISION)
+
+
+@triton.jit
+def _logits_tile_base2(
+    a_ptr, b_ptr, rows, cols, M, N, D, stride_am, stride_bn,
+    scale_log2e, bias_log2e,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr, WIDEN: tl.constexpr,
+):
+    """Returns (S * log2(e) for the (rows, cols) tile, the raw dot products A@B.T)."""
+    offs_k = tl.arange(0, BLOCK_K)
+    dots = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
+    for k in range(0, D, BLOCK_K):
+        k_mask = (k + offs_k) < D
+        # Masked rows/columns/features load as zero: their dot products are 0 and
+        # the callers mask them out of every statistic.
+        a = tl.load(
+            a_ptr + rows[:, None] * stride_am + (k + offs_k)[None, :],
+            mask=(rows[:, None] < M) & k_mask[None, :], other=0.0,
+        )
+        b = tl.load(
+            b_ptr + cols[:, None] * stride_bn + (k + offs_k)[None, :],
+            mask=(cols[:, None] < N) & k_mask[None, :], other=0.0,
+        )
+        dots = _dot(a, tl.trans(b), dots, INPUT_PRECISION, WIDEN)
+    return dots * scale_log2e + bias_log2e
+
+
+@triton.jit
+def _lse_forward_kernel(
+    a_ptr,          # (M, D) image features, unit stride along D
+    b_ptr,          # (N, D) text features, unit stride along D
+    row_lse_ptr,    # (M,) fp32 out: natural-log logsumexp over each row of S
+    col_part_ptr,   # (P, N) fp32 in/out: base-2 column logsumexp over this program's rows; -inf on entry
+    scale_ptr,      # (1,) logit scale, already exponentiated (read on device: no host sync)
+    bias_ptr,       # (1,) logit bias, read only when HAS_BIAS
+    M, N, D,
+    stride_am, stride_bn,  # row strides of A and B
+    HAS_BIAS: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,  # interpreter only: widen bf16 dot operands (see _dot)
+):
+    pid = tl.program_id(0)
+    num_programs = tl.num_programs(0)
+    scale_log2e = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
+    bias_log2e = 0.0
+    if HAS_BIAS:
+        bias_log2e = tl.load(bias_ptr).to(tl.float32) * 1.4426950408889634
+    offs_m = tl.arange(0, BLOCK_M)
+    offs_n = tl.arange(0, BLOCK_N)
+    col_part_row = col_part_ptr + pid.to(tl.int64) * N
+    # Grid-stride over row blocks: the launcher caps the grid at a few waves of SMs, so
+    # the (P, N) column partials stay O(#SMs * N) however large M grows.
+    for row_start in range(pid * BLOCK_M, M, num_programs * BLOCK_M):
+        rows = row_start + offs_m
+        row_valid = rows < M
+        row_max = tl.full((BLOCK_M,), float("-inf"), tl.float32)
+        row_sum = tl.zeros((BLOCK_M,), tl.float32)
+        for col_start in range(0, N, BLOCK_N):
+            cols = col_start + offs_n
+            col_valid = cols < N
+            s2 = _logits_tile_base2(
+                a_ptr, b_ptr, rows, cols, M, N, D, stride_am, stride_bn, scale_log2e, bias_log2e,
+                BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, WIDEN,
+            )
+            # Row statistics, online. Each tile has >= 1 valid column, so new_max is
+            # finite for finite inputs; a NaN anywhere in S reaches row_sum through
+            # exp2 (the maximum itself may drop NaNs on GPU), making the loss NaN.
+            s2_rows = tl.where(col_valid[None, :], s2, float("-inf"))
+            new_max = tl.maximum(row_max, tl.max(s2_rows, axis=1))
+            row_sum = row_sum * tl.exp2(row_max - new_max) + tl.sum(tl.exp2(s2_rows - new_max[:, None]), axis=1)
+            row_max = new_max
+            # Column statistics of this tile, folded into this program's partial.
+            s2_cols = tl.where(row_valid[:, None], s2, float("-inf"))
+            tile_col_max = tl.max(s2_cols, axis=0)
+            tile_col_lse = tile_col_max + tl.log2(tl.sum(tl.exp2(s2_cols - tile_col_max[None, :]), axis=0))
+            old = tl.load(col_part_row + cols, mask=col_valid, other=float("-inf"))
+            top = tl.maximum(old, tile_col_lse)
+            merged = top + tl.log2(tl.exp2(old - top) + tl.exp2(tile_col_lse - top))
+            tl.store(col_part_row + cols, merged, mask=col_valid)
+        row_lse = (row_max + tl.log2(row_sum)) * 0.6931471805599453
+        tl.store(row_lse_ptr + rows, row_lse, mask=row_valid)
+
+
+@triton.jit
+def _grad_backward_kernel(
+    a_ptr,          # (M, D) features whose rows this program owns
+    b_ptr,          # (N, D) the other side's features
+    row_lse_ptr,    # (M,) fp32 natural-log row logsumexp of S
+    col_lse_ptr,    # (N,) fp32 natural-log column logsumexp of S
+    grad_a_ptr,     # (M, D) fp32 out, zero on entry: p_scale * G @ B
+    grad_b_ptr,     # (N, D) fp32 out, zero on entry: p_scale * G.T @ A (atomics; only if COMPUTE_GRAD_B)
+    scale_ptr,      # (1,) logit scale
+    bias_ptr,       # (1,) logit bias, read only when HAS_BIAS
+    p_scale,        # power of two applied to G before its cast to the input dtype (fp16 range)
+    diag_offset,    # the label of row i is column i + diag_offset
+    M, N, D,
+    stride_am, stride_bn,
+    HAS_BIAS: tl.constexpr,
+    COMPUTE_GRAD_B: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_D: tl.constexpr,  # feature chunk of the two gradient products
+    INPUT_PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,  # interpreter only: widen bf16 dot operands (see _dot)
+):
+    pid = tl.program_id(0)
+    scale_log2e = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
+    bias_log2e = 0.0
+    if HAS_BIAS:
+        bias_log2e = tl.load(bias_ptr).to(tl.float32) * 1.4426950408889634
+    rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
+    row_valid = rows < M
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_d = tl.arange(0, BLOCK_D)
+    row_lse2 = tl.load(row_lse_ptr + rows, mask=row_valid, other=0.0) * 1.4426950408889634
+    for col_start in range(0, N, BLOCK_N):
+        cols = col_start + offs_n
+        col_valid = cols < N
+        col_lse2 = tl.load(col_lse_ptr + cols, mask=col_valid, other=0.0) * 1.4426950408889634
+        s2 = _logits_tile_base2(
+            a_ptr, b_ptr, rows, cols, M, N, D, stride_am, stride_bn, scale_log2e, bias_log2e,
+            BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, WIDEN,
+        )
+        p = tl.exp2(s2 - row_lse2[:, None]) + tl.exp2(s2 - col_lse2[None, :])
+        p = tl.where(cols[None, :] == rows[:, None] + diag_offset, p - 2.0, p)
+        p = tl.where(row_valid[:, None] & col_valid[None, :], p, 0.0)
+        # G is in [-2, 2] with entries ~1/N: p_scale (~N, capped at 2^14) keeps them in
+        # fp16's normal range so the G@B products run on tensor cores in the input dtype.
+        p_lo = (p * p_scale).to(a_ptr.dtype.element_ty)
+        for d_start in range(0, D, BLOCK_D):
+            d = d_start + offs_d
+            d_valid = d < D
+            b_chunk = tl.load(
+                b_ptr + cols[:, None] * stride_bn + d[None, :],
+                mask=col_valid[:, None] & d_valid[None, :], other=0.0,
+            )
+            ga_ptrs = grad_a_ptr + rows[:, None] * D + d[None, :]
+            ga_mask = row_valid[:, None] & d_valid[None, :]
+            # Only this program touches these rows of grad_a: no atomics needed.
+            ga = tl.load(ga_ptrs, mask=ga_mask, other=0.0)
+            ga = _dot(p_lo, b_chunk, ga, INPUT_PRECISION, WIDEN)
+            tl.store(ga_ptrs, ga, mask=ga_mask)
+            if COMPUTE_GRAD_B:
+                a_chunk = tl.load(
+                    a_ptr + rows[:, None] * stride_am + d[None, :],
+                    mask=row_valid[:, None] & d_valid[None, :], other=0.0,
+                )
+                gb = _dot(tl.trans(p_lo), a_chunk, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), INPUT_PRECISION, WIDEN)
+                tl.atomic_add(
+                    grad_b_ptr + cols[:, None] * D + d[None, :], gb,
+                    mask=col_valid[:, None] & d_valid[None, :], sem="relaxed",
+                )
+
+
+# ----------------------------------------------------------------------------- configs
+
+
+def _pow2_at_least(x: int, floor: int) -> int:
+    return max(floor, 1 << (max(x, 1) - 1).bit_length())
+
+
+def block_config(dtype: torch.dtype, dim: int, kind: str) -> dict:
+    """Tile sizes and launch parameters for `kind` in {"fwd", "bwd"}.
+
+    Chosen with the AOT report (python -m clip_fast.aot): the largest tiles that
+    compile for sm_80 and sm_90 with no stack frame (no spills). bf16/fp16 forward uses
+    128-row tiles (two wgmma warpgroups on sm_90). The backward keeps P, its low-
+    precision copy and two gradient chunks live at once, so its tiles are smaller.
+    fp32 runs as 3xTF32 with narrow K chunks. K and D chunks shrink for small feature
+    dims (tl.dot needs K >= 16) so a tiny D does not pay for a 64-wide padded pass.
+    """
+    wide = dtype in (torch.bfloat16, torch.float16)
+    block_k = min(64 if wide else 16, _pow2_at_least(dim, 16))
+    if kind == "fwd":
+        if wide:
+            return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k, num_warps=8, num_stages=3)
+        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, num_warps=8, num_stages=2)
+    if kind == "bwd":
+        if wide:
+            block_d = min(32, _pow2_at_least(dim, 16))
+            return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=8, num_stages=2)
+        return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=block_k, BLOCK_D=16, num_warps=8, num_stages=2)
+    raise ValueError(f"kind must be 'fwd' or 'bwd', got {kind!r}")
+
+
+def _input_precision(dtype: torch.dtype) -> str:
+    # fp32 features: 3xTF32 keeps ~fp32 accuracy on tensor cores (plain TF32 would
+    # not match the fp32 reference to 1e-5). bf16/fp16 ignore this setting.
+    return "tf32x3" if dtype == torch.float32 else "tf32"
+
+
+def _widen(x: torch.Tensor) -> bool:
+    return x.device.type == "cpu" and x.dtype == torch.bfloat16
+
+
+def _max_programs(device: torch.device) -> int:
+    if device.type == "cuda":
+        return 2 * torch.cuda.get_device_properties(device).multi_processor_count
+    return 1 << 30  # interpreter: one program per row block
+
+
+def _check_operands(a: torch.Tensor, b: torch.Tensor) -> None:
+    if a.dtype not in _TL_DTYPE or b.dtype != a.dtype:
+        raise ValueError(f"Triton contrastive kernels take fp32/bf16/fp16 features of one dtype, got {a.dtype} and {b.dtype}")
+    if a.stride(-1) != 1 or b.stride(-1) != 1:
+        raise ValueError("features must have unit stride along the feature dimension")
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def lse_forward(
+    a: torch.Tensor, b: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column logsumexp of S = scale * a @ b.T + bias in one pass.
+
+    a: (M, D), b: (N, D), scale/bias: (1,) tensors on the same device.
+    Returns row_lse (M,) and col_lse (N,), fp32, natural log.
+    """
+    _check_operands(a, b)
+    M, D = a.shape
+    N = b.shape[0]
+    cfg = block_config(a.dtype, D, "fwd")
+    num_programs = min(triton.cdiv(M, cfg["BLOCK_M"]), _max_programs(a.device))
+    row_lse = torch.empty(M, device=a.device, dtype=torch.float32)
+    col_part = torch.full((num_programs, N), float("-inf"), device=a.device, dtype=torch.float32)
+    _lse_forward_kernel[(num_programs,)](
+        a, b, row_lse, col_part, scale, bias if bias is not None else scale,
+        M, N, D, a.stride(0), b.stride(0),
+        HAS_BIAS=bias is not None,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+        INPUT_PRECISION=_input_precision(a.dtype), WIDEN=_widen(a),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    # Partials are base-2 logsumexps: convert to natural log before merging.
+    col_lse = torch.logsumexp(col_part.mul_(LN2), dim=0) if num_programs > 1 else col_part[0].mul_(LN2)
+    return row_lse, col_lse
+
+
+def p_scale_for(n: int) -> float:
+    """Power of two that brings softmax-sized entries (~1/n) of P near 1, capped so the
+    largest possible entry (2 * p_scale) stays below fp16's maximum."""
+    return float(min(1 << 14, 1 << (max(n, 1).bit_length() - 1)))
+
+
+def grad_backward(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    row_lse: torch.Tensor,
+    col_lse: torch.Tensor,
+    diag_offset: int = 0,
+    deterministic: bool = False,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """G @ b and G.T @ a for G = exp(S - row_lse[:, None]) + exp(S - col_lse[None, :]) - 2E,
+    E[i, j] = [j == i + diag_offset]. 
+
+    Both returned in fp32, shapes (M, D) and (N, D). `deterministic=True` avoids atomics
+    by a second launch with a and b swapped (one more pass over S).
+    """
+    _check_operands(a, b)
+    M, D = a.shape
+    N = b.shape[0]
+    cfg = block_config(a.dtype, D, "bwd")
+    p_scale = p_scale_for(min(M, N))
+    grad_a = torch.zeros(M, D, device=a.device, dtype=torch.float32)
+    grad_b = torch.zeros(N, D, device=a.device, dtype=torch.float32)
+    bias_arg = bias if bias is not None else scale
+    common = dict(
+        HAS_BIAS=bias is not None,
+        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"], BLOCK_D=cfg["BLOCK_D"],
+        INPUT_PRECISION=_input_precision(a.dtype), WIDEN=_widen(a),
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+    )
+    _grad_backward_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
+        a, b, row_lse, col_lse, grad_a, grad_b, scale, bias_arg, p_scale, diag_offset,
+        M, N, D, a.stride(0), b.stride(0), COMPUTE_GRAD_B=not deterministic, **common,
+    )
+    if deterministic:
+        _grad_backward_kernel[(triton.cdiv(N, cfg["BLOCK_M"]),)](
+            b, a, col_lse, row_lse, grad_b, grad_a, scale, bias_arg, p_scale, -diag_offset,
+            N, M, D, b.stride(0), a.stride(0), COMPUTE_GRAD_B=False, **common,
+        )
+    inv = 1.0 / p_scale
+    return grad_a.mul_(inv), grad_b.mul_(inv)
+
+
+# ----------------------------------------------------------------------------- AOT
+
+
+def aot_configs() -> list[KernelConfig]:
+    """Every configuration the launchers above can pick (dtype x K/D chunk width)."""
+    configs = []
+    for dtype, name in _TL_DTYPE.items():
+        widths = sorted({block_config(dtype, d, "fwd")["BLOCK_K"] for d in (1, 16, 32, 64, 4096)})
+        for dim in widths:
+            fwd = block_config(dtype, dim, "fwd")
+            configs.append(
+                KernelConfig(
+                    name=f"contrastive_lse_fwd[{name},BK={fwd['BLOCK_K']},bias]",
+                    fn=_lse_forward_kernel,
+                    signature={
+                        "a_ptr": f"*{name}", "b_ptr": f"*{name}", "row_lse_ptr": "*fp32", "col_part_ptr": "*fp32",
+                        "scale_ptr": "*fp32", "bias_ptr": "*fp32", "M": "i32", "N": "i32", "D": "i32",
+                        "stride_am": "i32", "stride_bn": "i32", "HAS_BIAS": "constexpr", "BLOCK_M": "constexpr",
+                        "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "INPUT_PRECISION": "constexpr",
+                        "WIDEN": "constexpr",
+                    },
+                    constexprs=dict(
+                        HAS_BIAS=True, BLOCK_M=fwd["BLOCK_M"], BLOCK_N=fwd["BLOCK_N"], BLOCK_K=fwd["BLOCK_K"],
+                        INPUT_PRECISION=_input_precision(dtype), WIDEN=False,
+                    ),
+                    num_warps=fwd["num_warps"], num_stages=fwd["num_stages"], uses_tensor_cores=True,
+                )
+            )
+            bwd = block_config(dtype, dim, "bwd")
+            for compute_grad_b in (True, False):
+                configs.append(
+                    KernelConfig(
+                        name=f"contrastive_grad_bwd[{name},BK={bwd['BLOCK_K']},BD={bwd['BLOCK_D']},"
+                        + ("atomic" if compute_grad_b else "deterministic") + "]",
+                        fn=_grad_backward_kernel,
+                        signature={
+                            "a_ptr": f"*{name}", "b_ptr": f"*{name}", "row_lse_ptr": "*fp32", "col_lse_ptr": "*fp32",
+                            "grad_a_ptr": "*fp32", "grad_b_ptr": "*fp32", "scale_ptr": "*fp32", "bias_ptr": "*fp32",
+                            "p_scale": "fp32", "diag_offset": "i32", "M": "i32", "N": "i32", "D": "i32", "stride_am": "i32",
+                            "stride_bn": "i32", "HAS_BIAS": "constexpr", "COMPUTE_GRAD_B": "constexpr",
+                            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+                            "BLOCK_D": "constexpr", "INPUT_PRECISION": "constexpr", "WIDEN": "constexpr",
+                        },
+                        constexprs=dict(
+                            HAS_BIAS=True, COMPUTE_GRAD_B=compute_grad_b, BLOCK_M=bwd["BLOCK_M"],
+                            BLOCK_N=bwd["BLOCK_N"], BLOCK_K=bwd["BLOCK_K"], BLOCK_D=bwd["BLOCK_D"],
+                            INPUT_PRECISION=_input_precision(dtype), WIDEN=False,
+                        ),
+                        num_warps=bwd["num_warps"], num_stages=bwd["num_stages"], uses_tensor_cores=True,
+                    )
+                )
+    return configs
