@@ -212,6 +212,22 @@ struct TensorScalars {
   float encode_scale;  // 2^e_new (fp16 moments) or 1
 };
 
+// Exponent e of fp16 moments (stored = true value * 2^e) for this step, from the largest
+// sqrt(v) of the previous step: puts it in [2^kTargetExp, 2^(kTargetExp+1)); keeps e_old
+// when amax is 0, inf or NaN. (The C++ and torch paths compute it on the host with
+// clip_fast.optim.next_moment_exp, identically.)
+constexpr int kTargetExp = 8;
+constexpr int kExpLimit = 100;
+
+CF_HD int next_moment_exp(int e_old, float amax) {
+  const int biased = (int)((f32_bits(amax) >> 23) & 0xFFu);
+  int e = kTargetExp + 127 - biased;
+  e = e < -kExpLimit ? -kExpLimit : (e > kExpLimit ? kExpLimit : e);
+  return (amax > 0.0f && biased < 255) ? e : e_old;
+}
+
+CF_HD float exp2_int(int e) { return bits_f32((uint32_t)(127 + e) << 23); }  // 2^e, |e| <= 126
+
 // Returns false (and leaves p, m, r as they were) when the gradient is NaN or inf: such
 // an element is skipped, parameter and both moments. (Scalars in and out by reference,
 // no result struct: the struct would be kept in memory and block vectorisation.)
