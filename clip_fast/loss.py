@@ -67,7 +67,7 @@ def _torch_logit_grads(
     row_lse: torch.Tensor,
     col_lse: torch.Tensor,
     diag_offset: int,
-) -> tuple[torch.Tensor, torch.Tensor]:
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     cd = _compute_dtype(image.dtype)
     image, text = image.to(cd), text.to(cd)
     scale = scale.to(cd)
@@ -88,7 +88,8 @@ def _torch_logit_grads(
         g.diagonal(start + diag_offset).sub_(2.0)  # labels (empty view when off this chunk)
         torch.mm(g, text, out=g_text[rows])
         g_image.addmm_(g.t(), image[rows])
-    return g_text, g_image
+    # sum_ij G[i,j] (I[i] . T[j]) = sum_i I[i] . (G @ T)[i]: O(M*D), no pass over S.
+    return g_text, g_image, torch.einsum("md,md->", image, g_text)
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -125,12 +126,13 @@ def logit_grads(
     col_lse: torch.Tensor,
     diag_offset: int = 0,
     deterministic: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """G @ text (M, D) and G.T @ image (N, D) for
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """G @ text (M, D), G.T @ image (N, D) and sum_ij G[i,j] (image[i] . text[j]) for
     G = exp(S - row_lse[:, None]) + exp(S - col_lse[None, :]) - 2E, E[i, j] = [j == i + diag_offset].
 
-    No 1/(2B) factor: the caller applies it. The label term is subtracted before G
-    is rounded to the input dtype. fp32 results (fp64 for fp64 inputs).
+    No 1/(2B) factor: the caller applies it. The label term is subtracted, and the
+    last sum reduced, before G is rounded to the input dtype. fp32 results (fp64 for
+    fp64 inputs).
     `deterministic` avoids floating-point atomics on GPU (one more pass over S).
     """
     if use_triton(image, text) and image.dtype != torch.float64:
@@ -176,12 +178,10 @@ class _ContrastiveLossFunction(torch.autograd.Function):
         image, text, scale, bias, row_lse, col_lse = ctx.saved_tensors
         B = image.shape[0]
         cd = row_lse.dtype
-        g_text, g_image = logit_grads(image, text, scale, bias, row_lse, col_lse, 0, ctx.deterministic)
+        g_text, g_image, g_dot = logit_grads(image, text, scale, bias, row_lse, col_lse, 0, ctx.deterministic)
         coef = grad_loss.to(cd) / (2 * B)
         grad_image = grad_text = grad_scale = grad_bias = None
         if ctx.needs_input_grad[2]:
-            # sum_ij G[i,j] (I[i] . T[j]) = sum_i I[i] . (G @ T)[i]: O(B*D), no pass over S.
-            g_dot = torch.einsum("bd,bd->", image.to(cd), g_text)
             grad_scale = (coef * g_dot).to(scale.dtype).reshape(scale.shape)
         s = scale.to(cd).reshape(())
         if ctx.needs_input_grad[0]:

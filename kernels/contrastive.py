@@ -52,13 +52,12 @@ def _dot(x, y, acc, INPUT_PRECISION: tl.constexpr, WIDEN: tl.constexpr):
 
 
 @triton.jit
-def _logits_tile_base2(
+def _dot_tile(
     a_ptr, b_ptr, rows, cols, M, N, D, stride_am, stride_bn,
-    scale_log2e, bias_log2e,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr, WIDEN: tl.constexpr,
 ):
-    """Returns (S * log2(e) for the (rows, cols) tile, the raw dot products A@B.T)."""
+    """The raw dot products A[rows] @ B[cols].T of one tile, fp32 (BLOCK_M, BLOCK_N)."""
     offs_k = tl.arange(0, BLOCK_K)
     dots = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
     for k in range(0, D, BLOCK_K):
@@ -74,7 +73,7 @@ def _logits_tile_base2(
             mask=(cols[:, None] < N) & k_mask[None, :], other=0.0,
         )
         dots = _dot(a, tl.trans(b), dots, INPUT_PRECISION, WIDEN)
-    return dots * scale_log2e + bias_log2e
+    return dots
 
 
 @triton.jit
@@ -111,10 +110,11 @@ def _lse_forward_kernel(
         for col_start in range(0, N, BLOCK_N):
             cols = col_start + offs_n
             col_valid = cols < N
-            s2 = _logits_tile_base2(
-                a_ptr, b_ptr, rows, cols, M, N, D, stride_am, stride_bn, scale_log2e, bias_log2e,
+            dots = _dot_tile(
+                a_ptr, b_ptr, rows, cols, M, N, D, stride_am, stride_bn,
                 BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, WIDEN,
             )
+            s2 = dots * scale_log2e + bias_log2e  # S * log2(e)
             # Row statistics, online. Each tile has >= 1 valid column, so new_max is
             # finite for finite inputs; a NaN anywhere in S reaches row_sum through
             # exp2 (the maximum itself may drop NaNs on GPU), making the loss NaN.
@@ -142,6 +142,7 @@ def _grad_backward_kernel(
     col_lse_ptr,    # (N,) fp32 natural-log column logsumexp of S
     grad_a_ptr,     # (M, D) fp32 out, zero on entry: p_scale * G @ B
     grad_b_ptr,     # (N, D) fp32 out, zero on entry: p_scale * G.T @ A (atomics; only if COMPUTE_GRAD_B)
+    g_dot_ptr,      # (programs,) fp32 out: this program's sum of G[i, j] * (A[i] . B[j])
     scale_ptr,      # (1,) logit scale
     bias_ptr,       # (1,) logit bias, read only when HAS_BIAS
     p_scale,        # power of two applied to G before its cast to the input dtype (fp16 range)
@@ -165,17 +166,22 @@ def _grad_backward_kernel(
     offs_n = tl.arange(0, BLOCK_N)
     offs_d = tl.arange(0, BLOCK_D)
     row_lse2 = tl.load(row_lse_ptr + rows, mask=row_valid, other=0.0) * 1.4426950408889634
+    g_dot = tl.zeros((), tl.float32)
     for col_start in range(0, N, BLOCK_N):
         cols = col_start + offs_n
         col_valid = cols < N
         col_lse2 = tl.load(col_lse_ptr + cols, mask=col_valid, other=0.0) * 1.4426950408889634
-        s2 = _logits_tile_base2(
-            a_ptr, b_ptr, rows, cols, M, N, D, stride_am, stride_bn, scale_log2e, bias_log2e,
+        dots = _dot_tile(
+            a_ptr, b_ptr, rows, cols, M, N, D, stride_am, stride_bn,
             BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, WIDEN,
         )
+        s2 = dots * scale_log2e + bias_log2e
         p = tl.exp2(s2 - row_lse2[:, None]) + tl.exp2(s2 - col_lse2[None, :])
         p = tl.where(cols[None, :] == rows[:, None] + diag_offset, p - 2.0, p)
         p = tl.where(row_valid[:, None] & col_valid[None, :], p, 0.0)
+        # The logit-scale gradient, sum G * dots, from fp32 G: a reduction of the
+        # rounded copy below would carry bf16's 2^-9 error into d(logit_scale).
+        g_dot += tl.sum(tl.sum(p * dots, axis=1), axis=0)
         # G is in [-2, 2] with entries ~1/N: p_scale (~N, capped at 2^14) keeps them in
         # fp16's normal range so the G@B products run on tensor cores in the input dtype.
         p_lo = (p * p_scale).to(a_ptr.dtype.element_ty)
@@ -202,6 +208,7 @@ def _grad_backward_kernel(
                     grad_b_ptr + cols[:, None] * D + d[None, :], gb,
                     mask=col_valid[:, None] & d_valid[None, :], sem="relaxed",
                 )
+    tl.store(g_dot_ptr + pid, g_dot)
 
 
 # ----------------------------------------------------------------------------- configs
@@ -304,11 +311,11 @@ def grad_backward(
     col_lse: torch.Tensor,
     diag_offset: int = 0,
     deterministic: bool = False,
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """G @ b and G.T @ a for G = exp(S - row_lse[:, None]) + exp(S - col_lse[None, :]) - 2E,
-    E[i, j] = [j == i + diag_offset]. 
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """G @ b, G.T @ a and sum(G * (a @ b.T)) for
+    G = exp(S - row_lse[:, None]) + exp(S - col_lse[None, :]) - 2E, E[i, j] = [j == i + diag_offset].
 
-    Both returned in fp32, shapes (M, D) and (N, D). `deterministic=True` avoids atomics
+    fp32 results of shapes (M, D), (N, D) and (). `deterministic=True` avoids atomics
     by a second launch with a and b swapped (one more pass over S).
     """
     _check_operands(a, b)
@@ -318,6 +325,8 @@ def grad_backward(
     p_scale = p_scale_for(min(M, N))
     grad_a = torch.zeros(M, D, device=a.device, dtype=torch.float32)
     grad_b = torch.zeros(N, D, device=a.device, dtype=torch.float32)
+    num_programs = triton.cdiv(M, cfg["BLOCK_M"])
+    g_dot = torch.empty(num_programs, device=a.device, dtype=torch.float32)
     bias_arg = bias if bias is not None else scale
     common = dict(
         HAS_BIAS=bias is not None,
@@ -325,17 +334,18 @@ def grad_backward(
         INPUT_PRECISION=_input_precision(a.dtype), WIDEN=_widen(a),
         num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
-    _grad_backward_kernel[(triton.cdiv(M, cfg["BLOCK_M"]),)](
-        a, b, row_lse, col_lse, grad_a, grad_b, scale, bias_arg, p_scale, diag_offset,
+    _grad_backward_kernel[(num_programs,)](
+        a, b, row_lse, col_lse, grad_a, grad_b, g_dot, scale, bias_arg, p_scale, diag_offset,
         M, N, D, a.stride(0), b.stride(0), COMPUTE_GRAD_B=not deterministic, **common,
     )
     if deterministic:
-        _grad_backward_kernel[(triton.cdiv(N, cfg["BLOCK_M"]),)](
-            b, a, col_lse, row_lse, grad_b, grad_a, scale, bias_arg, p_scale, -diag_offset,
+        g_dot_swapped = torch.empty(triton.cdiv(N, cfg["BLOCK_M"]), device=a.device, dtype=torch.float32)
+        _grad_backward_kernel[(g_dot_swapped.numel(),)](
+            b, a, col_lse, row_lse, grad_b, grad_a, g_dot_swapped, scale, bias_arg, p_scale, -diag_offset,
             N, M, D, b.stride(0), a.stride(0), COMPUTE_GRAD_B=False, **common,
         )
     inv = 1.0 / p_scale
-    return grad_a.mul_(inv), grad_b.mul_(inv)
+    return grad_a.mul_(inv), grad_b.mul_(inv), g_dot.sum()
 
 
 # ----------------------------------------------------------------------------- AOT
@@ -375,7 +385,7 @@ def aot_configs() -> list[KernelConfig]:
                         fn=_grad_backward_kernel,
                         signature={
                             "a_ptr": f"*{name}", "b_ptr": f"*{name}", "row_lse_ptr": "*fp32", "col_lse_ptr": "*fp32",
-                            "grad_a_ptr": "*fp32", "grad_b_ptr": "*fp32", "scale_ptr": "*fp32", "bias_ptr": "*fp32",
+                            "grad_a_ptr": "*fp32", "grad_b_ptr": "*fp32", "g_dot_ptr": "*fp32", "scale_ptr": "*fp32", "bias_ptr": "*fp32",
                             "p_scale": "fp32", "diag_offset": "i32", "M": "i32", "N": "i32", "D": "i32", "stride_am": "i32",
                             "stride_bn": "i32", "HAS_BIAS": "constexpr", "COMPUTE_GRAD_B": "constexpr",
                             "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",

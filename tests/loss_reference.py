@@ -53,6 +53,16 @@ def term_magnitudes(image, text, scale: float) -> tuple[float, float, float, flo
     )
 
 
+def blockwise_floor(floor_rel: float, max_abs_logit: float) -> float:
+    """Error floor of a blockwise softmax gradient, relative to its terms' magnitude.
+
+    The blockwise method keeps only logsumexp(S) (an fp32 number of the logits' size)
+    and recomputes exp(S - lse) later, so each softmax entry carries a relative error
+    of about 2^-24 * max|S| (1e-5 at a logit scale of 100). open_clip keeps S and its
+    log_softmax, so its floor is 2^-24 alone. The bound is 4x that estimate."""
+    return max(floor_rel, 2.0**-22 * max_abs_logit)
+
+
 def assert_matches(ours, torch_same_dtype, ref64, floor_rel: float, what: str, magnitude: float = 0.0) -> None:
     """flash-attention's rule: our error against the fp64 reference is at most twice the
     error of the same computation in PyTorch at the same dtype, plus a small floor
