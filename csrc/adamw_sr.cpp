@@ -139,7 +139,7 @@ using SrFn = void (*)(const float*, uint16_t*, const int32_t*, uint64_t, int64_t
   template <int PK, int GK, int SK, bool SR>                                                                 \
   TARGET void update_##ISA_NAME(const std::vector<TensorArgs>& args, const std::vector<Chunk>& chunks,      \
                                 const Hyper& h, int64_t* counts, float* maxima) {                            \
-    _Pragma("omp parallel for schedule(dynamic, 4)")                                                         \
+    _Pragma("omp parallel for schedule(dynamic, 4) if (chunks.size() > 1)")                                                    \
     for (int64_t c = 0; c < (int64_t)chunks.size(); ++c) {                                                   \
       float amax = 0.0f;                                                                                     \
       counts[c] = update_range<PK, GK, SK, SR>(args[chunks[c].tensor], h, chunks[c].begin, chunks[c].end,   \
@@ -148,7 +148,7 @@ using SrFn = void (*)(const float*, uint16_t*, const int32_t*, uint64_t, int64_t
     }                                                                                                        \
   }                                                                                                          \
   TARGET void sr_##ISA_NAME(const float* x, uint16_t* y, const int32_t* rand, uint64_t key, int64_t numel) { \
-    _Pragma("omp parallel for schedule(static)")                                                             \
+    _Pragma("omp parallel for schedule(static) if (numel > kChunk)")                                                     \
     for (int64_t b = 0; b < numel; b += kChunk) sr_range(x, y, rand, key, b, std::min(numel, b + kChunk));  \
   }
 
