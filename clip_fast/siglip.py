@@ -133,31 +133,42 @@ def _block_torch(
     d_image: torch.Tensor,  # (M, D) accumulated into
     d_text: torch.Tensor,  # (N, D) accumulated into
 ) -> torch.Tensor:
-    """CPU path of the fused kernel: the same pass over S, one chunk of rows at a time."""
+    """CPU path of the fused kernel: the same pass over S, one chunk of rows at a time.
+
+    Works with y = -z * S (= S for negatives, -S on the diagonal), so that the loss is
+    softplus(y) and dL/dS = -z * sigmoid(y) / n: per chunk one matmul, four elementwise
+    sweeps (y, softplus+sum, in-place sigmoid, the dscale dot) and two GEMMs that apply
+    scale/n through `alpha` instead of extra sweeps. Eager torch makes every op a pass
+    over the (chunk, N) block, so their number sets the CPU time beside the matmuls.
+    """
     M, N = image.shape[0], text.shape[0]
     chunk = max(1, min(M, _CPU_CHUNK_ELEMENTS // max(N, 1)))
+    scale_f = float(scale)  # GEMM alpha
     loss = image.new_zeros(())
     ds = image.new_zeros(())
     db = image.new_zeros(())
     for r0 in range(0, M, chunk):
         rows = image[r0 : r0 + chunk]  # (c, D)
         dots = rows @ text.T  # (c, N)
-        x = torch.addcmul(-bias, dots, scale, value=-1.0)  # -S: every pair negative ...
+        y = torch.addcmul(bias, dots, scale)  # S: every pair a negative ...
         if has_pos:
-            x.diagonal(r0).neg_()  # ... except (i, i): z * S with z = +1 (global row r0 + i)
-        # -logsigmoid(z S) summed; + 0 * sum(x) turns any non-finite S into a NaN loss
-        # (-logsigmoid(+inf) = 0 would hide it)
-        loss = loss + (-F.logsigmoid(x)).sum() + 0.0 * x.sum()
-        g = torch.sigmoid(x.neg_())  # sigmoid(-z S): dL/dS = -z sigmoid(-z S) / n
+            y.diagonal(r0).neg_()  # ... except (i, r0 + i): the global diagonal
+        loss = loss + F.softplus(y).sum()  # softplus(-zS) = -logsigmoid(zS)
+        g = torch.sigmoid(y, out=y)  # sigmoid(-zS) = -z * n * dL/dS
         if has_pos:
-            g.diagonal(r0).neg_()
-        g.mul_(inv_n)  # (c, N) dL/dS
+            g.diagonal(r0).neg_()  # g = n * dL/dS
         ds = ds + torch.dot(g.reshape(-1), dots.reshape(-1))
         db = db + g.sum()
-        g.mul_(scale)
-        d_image[r0 : r0 + chunk].addmm_(g, text)
-        d_text.addmm_(g.T, rows)
-    return torch.stack([loss * inv_n, ds, db])
+        d_image[r0 : r0 + chunk].addmm_(g, text, alpha=scale_f * inv_n)
+        d_text.addmm_(g.T, rows, alpha=scale_f * inv_n)
+    return torch.stack([loss, ds, db]) * inv_n
+
+
+def _non_finite(*tensors: Optional[torch.Tensor]) -> torch.Tensor:
+    """True (0-dim) when any input holds NaN/inf. O(B*D), against O(B^2*D) for the loss;
+    softplus(-inf) = 0 would otherwise turn an infinite input into a finite loss."""
+    flags = [~torch.isfinite(t).all() for t in tensors if t is not None]
+    return torch.stack(flags).any()
 
 
 def _block(
@@ -182,7 +193,9 @@ def _block(
         return siglip_block(image, text, params, d_image, d_text, has_pos, inv_n)
     dtype = _compute_dtype(image.dtype)
     bias_c = scale.new_zeros((), dtype=dtype) if bias is None else bias.to(dtype)
-    return _block_torch(image.to(dtype), text.to(dtype), scale.to(dtype), bias_c, has_pos, inv_n, d_image, d_text)
+    stats = _block_torch(image.to(dtype), text.to(dtype), scale.to(dtype), bias_c, has_pos, inv_n, d_image, d_text)
+    nan = torch.where(_non_finite(image, text, scale, bias), float("nan"), 0.0)
+    return stats + nan.to(stats.dtype)
 
 
 # ----------------------------------------------------------------------------------
