@@ -239,6 +239,49 @@ def _block_table(numels: tuple[int, ...], device: torch.device) -> torch.Tensor:
     return torch.tensor(rows, dtype=torch.int32).reshape(-1, 2).to(device)
 
 
+class StepTables:
+    """Device tables of one multi-tensor launch (shared with csrc/adamw_sr_cuda.cu)."""
+
+    def __init__(self, params, grads, states, keys, scalars, rand=None) -> None:
+        device = params[0].device
+        rows = []
+        for i, (p, g, s) in enumerate(zip(params, grads, states)):
+            rows.append(
+                [
+                    p.data_ptr(),
+                    g.data_ptr(),
+                    s["exp_avg"].data_ptr(),
+                    s["exp_avg_rms"].data_ptr(),
+                    rand[i].data_ptr() if rand is not None else 0,
+                    p.numel(),
+                    keys[i],
+                    _f32_bits(scalars[i].step_size),
+                    _f32_bits(scalars[i].inv_sqrt_bc2),
+                ]
+            )
+        meta = torch.tensor(rows, dtype=torch.int64)
+        self.meta = meta.pin_memory().to(device, non_blocking=True) if device.type == "cuda" else meta
+        self.blocks = _block_table(tuple(p.numel() for p in params), device)
+        self.counts = torch.zeros(len(params), dtype=torch.int32, device=device)
+        self.fp16_state = states[0]["exp_avg"].dtype == torch.float16
+        if self.fp16_state:
+            self.exp_in = torch.stack([s["moment_exp"] for s in states])
+            self.amax_in = torch.stack([s["rms_amax"] for s in states])
+            self.exp_out = torch.empty_like(self.exp_in)
+            self.amax_out = torch.zeros_like(self.amax_in)
+        else:  # unused by the kernel; any valid pointers
+            self.exp_in = self.exp_out = self.counts
+            self.amax_in = self.amax_out = self.counts.view(torch.float32)
+
+    def write_back(self, states) -> torch.Tensor:
+        """Moves per-tensor outputs into the optimizer state; returns the skipped-element count."""
+        if self.fp16_state:
+            torch._foreach_copy_([s["moment_exp"] for s in states], list(self.exp_out.unbind()))
+            torch._foreach_copy_([s["rms_amax"] for s in states], list(self.amax_out.unbind()))
+        torch._foreach_add_([s["nonfinite_count"] for s in states], list(self.counts.to(torch.int64).unbind()))
+        return self.counts.sum()
+
+
 def adamw_step(
     params: list[torch.Tensor],
     grads: list[torch.Tensor],
@@ -255,63 +298,27 @@ def adamw_step(
     rand: optional int32 (numel, 2) random words per tensor (tests); else Philox(keys).
     Returns the number of elements skipped for non-finite gradients (0-dim device tensor).
     """
-    device = params[0].device
-    T = len(params)
-    exp_avgs = [s["exp_avg"] for s in states]
-    rms = [s["exp_avg_rms"] for s in states]
-    rows = []
-    for i in range(T):
-        rows.append(
-            [
-                params[i].data_ptr(),
-                grads[i].data_ptr(),
-                exp_avgs[i].data_ptr(),
-                rms[i].data_ptr(),
-                rand[i].data_ptr() if rand is not None else 0,
-                params[i].numel(),
-                keys[i],
-                _f32_bits(scalars[i].step_size),
-                _f32_bits(scalars[i].inv_sqrt_bc2),
-            ]
-        )
-    meta = torch.tensor(rows, dtype=torch.int64)
-    if device.type == "cuda":
-        meta = meta.pin_memory().to(device, non_blocking=True)
-    blocks = _block_table(tuple(p.numel() for p in params), device)
-    counts = torch.zeros(T, dtype=torch.int32, device=device)
-    s_kind = KIND[exp_avgs[0].dtype]
-    if s_kind == 2:
-        exp_in = torch.stack([s["moment_exp"] for s in states])
-        amax_in = torch.stack([s["rms_amax"] for s in states])
-        exp_out = torch.empty_like(exp_in)
-        amax_out = torch.zeros_like(amax_in)
-    else:
-        exp_in = exp_out = counts
-        amax_in = amax_out = counts.view(torch.float32)
-    if blocks.shape[0] > 0:
-        _adamw_kernel[(blocks.shape[0],)](
-            meta,
-            blocks,
-            exp_in,
-            amax_in,
-            exp_out,
-            amax_out,
-            counts,
+    tables = StepTables(params, grads, states, keys, scalars, rand)
+    if tables.blocks.shape[0] > 0:
+        _adamw_kernel[(tables.blocks.shape[0],)](
+            tables.meta,
+            tables.blocks,
+            tables.exp_in,
+            tables.amax_in,
+            tables.exp_out,
+            tables.amax_out,
+            tables.counts,
             *hyper.args(),
             P_KIND=KIND[params[0].dtype],
             G_KIND=KIND[grads[0].dtype],
-            S_KIND=s_kind,
+            S_KIND=KIND[states[0]["exp_avg"].dtype],
             SR=bool(stochastic),
             EXPLICIT=rand is not None,
             BLOCK=BLOCK,
             num_warps=NUM_WARPS,
             enable_fp_fusion=False,
         )
-    if s_kind == 2:
-        torch._foreach_copy_([s["moment_exp"] for s in states], list(exp_out.unbind()))
-        torch._foreach_copy_([s["rms_amax"] for s in states], list(amax_out.unbind()))
-    torch._foreach_add_([s["nonfinite_count"] for s in states], list(counts.to(torch.int64).unbind()))
-    return counts.sum()
+    return tables.write_back(states)
 
 
 def stochastic_round(x: torch.Tensor, key: int, rand: torch.Tensor | None = None) -> torch.Tensor:
