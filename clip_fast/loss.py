@@ -166,9 +166,9 @@ class _ContrastiveLossFunction(torch.autograd.Function):
             diag = diag + bias.to(cd).reshape(())
         loss = ((row_lse - diag).mean() + (col_lse - diag).mean()) / 2
         # A non-finite input must never produce a finite loss (inf - inf cancellations
-        # could otherwise hide it); two O(B*D) reductions, no host sync.
-        finite = torch.isfinite(image).all() & torch.isfinite(text).all()
-        loss = torch.where(finite, loss, torch.full_like(loss, float("nan")))
+        # could otherwise hide it). A NaN or inf anywhere in row i of either side makes
+        # I[i] . T[i] non-finite (inf * 0 is NaN), so B values tell: no host sync.
+        loss = torch.where(torch.isfinite(diag_dot).all(), loss, torch.full_like(loss, float("nan")))
         ctx.save_for_backward(image, text, scale, bias, row_lse, col_lse)
         ctx.deterministic = deterministic
         return loss.to(torch.promote_types(image.dtype, torch.float32))
