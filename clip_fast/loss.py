@@ -40,22 +40,46 @@ def _row_chunk(n_cols: int) -> int:
     return max(1, CPU_BLOCK_ELEMENTS // max(n_cols, 1))
 
 
+# Within this many nats of the block's largest logit, exp(S - max) of every entry that
+# matters stays a normal fp32 number (e^-87 is the smallest), so one exponential serves
+# both directions' sums. Wider blocks fall back to one exponential per direction.
+_SHARED_SHIFT_RANGE = 64.0
+
+
+def _logits_block(image_rows, text_t, scale: float, bias: float) -> torch.Tensor:
+    out = torch.empty(image_rows.shape[0], text_t.shape[1], dtype=image_rows.dtype, device=image_rows.device)
+    if bias == 0.0:
+        return torch.mm(image_rows, text_t, out=out).mul_(scale) if scale != 1.0 else torch.mm(image_rows, text_t, out=out)
+    return torch.addmm(out.fill_(bias), image_rows, text_t, beta=1.0, alpha=scale, out=out)
+
+
+def _block_lse(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column logsumexp of one block, destroying it."""
+    row_max, col_max = logits.amax(dim=1), logits.amax(dim=0)
+    top = row_max.max()
+    if top - row_max.min() < _SHARED_SHIFT_RANGE and top - col_max.min() < _SHARED_SHIFT_RANGE:
+        shifted = logits.sub_(top).exp_()
+        return shifted.sum(dim=1).log_().add_(top), shifted.sum(dim=0).log_().add_(top)
+    # NaN/inf logits land here too and propagate through logsumexp.
+    return torch.logsumexp(logits, dim=1), torch.logsumexp(logits, dim=0)
+
+
 def _torch_lse_stats(
     image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     cd = _compute_dtype(image.dtype)
     image, text = image.to(cd), text.to(cd)
-    scale = scale.to(cd)
+    s, b = scale.item(), 0.0 if bias is None else bias.item()  # CPU: no device sync to avoid
     M, N = image.shape[0], text.shape[0]
     row_lse = torch.empty(M, dtype=cd, device=image.device)
     col_lse = torch.full((N,), float("-inf"), dtype=cd, device=image.device)
     text_t = text.t()
-    for start in range(0, M, _row_chunk(N)):
-        logits = torch.mm(image[start : start + _row_chunk(N)], text_t).mul_(scale)  # (chunk, N)
-        if bias is not None:
-            logits.add_(bias.to(cd))
-        row_lse[start : start + logits.shape[0]] = torch.logsumexp(logits, dim=1)
-        col_lse = torch.logaddexp(col_lse, torch.logsumexp(logits, dim=0))
+    chunk = _row_chunk(N)
+    for start in range(0, M, chunk):
+        logits = _logits_block(image[start : start + chunk], text_t, s, b)  # (chunk, N)
+        row_block, col_block = _block_lse(logits)
+        row_lse[start : start + chunk] = row_block
+        col_lse = torch.logaddexp(col_lse, col_block)
     return row_lse, col_lse
 
 
@@ -70,7 +94,7 @@ def _torch_logit_grads(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     cd = _compute_dtype(image.dtype)
     image, text = image.to(cd), text.to(cd)
-    scale = scale.to(cd)
+    s, b = scale.item(), 0.0 if bias is None else bias.item()
     row_lse, col_lse = row_lse.to(cd), col_lse.to(cd)
     M, N = image.shape[0], text.shape[0]
     g_text = torch.empty(M, text.shape[1], dtype=cd, device=image.device)
@@ -79,9 +103,7 @@ def _torch_logit_grads(
     chunk = _row_chunk(N)
     for start in range(0, M, chunk):
         rows = slice(start, start + chunk)
-        logits = torch.mm(image[rows], text_t).mul_(scale)  # (chunk, N)
-        if bias is not None:
-            logits.add_(bias.to(cd))
+        logits = _logits_block(image[rows], text_t, s, b)  # (chunk, N)
         g = torch.sub(logits, row_lse[rows, None]).exp_()
         g.add_(logits.sub_(col_lse).exp_())  # row softmax + column softmax
         del logits
