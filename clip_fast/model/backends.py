@@ -19,7 +19,6 @@ installed with its CUDA extension. PyPI's unrelated package also called `apex` h
 """
 from __future__ import annotations
 
-import functools
 import importlib
 import importlib.util
 import os
@@ -34,27 +33,20 @@ ATTENTION_BACKENDS = ("auto", "flash_attn", "xformers", "sdpa")
 _forced: str | None = None
 
 
-@functools.lru_cache(maxsize=None)
-def _module(name: str):
-    """The imported module, or None when it is missing or fails to import."""
+def _import(name: str, attr: str | None = None):
+    """The module (or its attribute `attr`), or None when missing or failing to import."""
     try:
-        return importlib.import_module(name)
+        if importlib.util.find_spec(name.split(".")[0]) is None:
+            return None
+        mod = importlib.import_module(name)
+        return getattr(mod, attr) if attr is not None else mod
     except Exception:  # a broken optional install must not break the model
         return None
 
 
-def flash_attn_available() -> bool:
-    mod = _module("flash_attn")
-    return mod is not None and hasattr(mod, "flash_attn_qkvpacked_func")
-
-
-def xformers_available() -> bool:
-    return _module("xformers.ops") is not None
-
-
-@functools.lru_cache(maxsize=None)
-def apex_layer_norm():
-    """apex's fused LayerNorm function, or None (also for PyPI's unrelated `apex`)."""
+def detect_apex_layer_norm():
+    """NVIDIA apex's fused LayerNorm function, or None (also for PyPI's unrelated `apex`,
+    which has no apex.normalization, and for apex built without its CUDA extension)."""
     try:
         if importlib.util.find_spec("apex") is None or importlib.util.find_spec("apex.normalization") is None:
             return None
@@ -62,8 +54,21 @@ def apex_layer_norm():
             return None
     except Exception:  # find_spec imports the parent package, which may fail
         return None
-    mod = _module("apex.normalization.fused_layer_norm")
-    return getattr(mod, "fused_layer_norm_affine", None) if mod is not None else None
+    return _import("apex.normalization.fused_layer_norm", "fused_layer_norm_affine")
+
+
+# Resolved once at import, so compiled (torch.compile) forwards only read constants.
+_FLASH_QKVPACKED = _import("flash_attn", "flash_attn_qkvpacked_func")
+_XFORMERS_OPS = _import("xformers.ops")
+APEX_LAYER_NORM = detect_apex_layer_norm()
+
+
+def flash_attn_available() -> bool:
+    return _FLASH_QKVPACKED is not None
+
+
+def xformers_available() -> bool:
+    return _XFORMERS_OPS is not None
 
 
 def set_attention_backend(name: str | None) -> None:
@@ -121,12 +126,11 @@ def attention(qkv: torch.Tensor, causal: bool) -> torch.Tensor:
     b, l, _, h, d = qkv.shape
     backend = attention_backend(qkv.device, qkv.dtype, d)
     if backend == "flash_attn":
-        out = _module("flash_attn").flash_attn_qkvpacked_func(qkv, causal=causal)  # (B, L, H, D)
+        out = _FLASH_QKVPACKED(qkv, causal=causal)  # (B, L, H, D)
     elif backend == "xformers":
-        xops = _module("xformers.ops")
         q, k, v = qkv.unbind(2)  # (B, L, H, D) each
-        bias = xops.LowerTriangularMask() if causal else None
-        out = xops.memory_efficient_attention(q, k, v, attn_bias=bias)  # (B, L, H, D)
+        bias = _XFORMERS_OPS.LowerTriangularMask() if causal else None
+        out = _XFORMERS_OPS.memory_efficient_attention(q, k, v, attn_bias=bias)  # (B, L, H, D)
     else:
         q, k, v = qkv.permute(2, 0, 3, 1, 4).unbind(0)  # (B, H, L, D) each
         out = F.scaled_dot_product_attention(q, k, v, is_causal=causal).transpose(1, 2)  # (B, L, H, D)
@@ -138,11 +142,12 @@ class LayerNorm(nn.LayerNorm):
     returning the input dtype; apex's fused kernel on CUDA when installed."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        weight = self.weight.float() if self.weight is not None else None
-        bias = self.bias.float() if self.bias is not None else None
-        fused = apex_layer_norm() if x.is_cuda else None
+        dtype = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
+        weight = self.weight.to(dtype) if self.weight is not None else None
+        bias = self.bias.to(dtype) if self.bias is not None else None
+        fused = APEX_LAYER_NORM if x.is_cuda and dtype == torch.float32 else None
         if fused is not None and weight is not None:
-            out = fused(x.float(), weight, bias, self.normalized_shape, self.eps)
+            out = fused(x.to(dtype), weight, bias, self.normalized_shape, self.eps)
         else:
-            out = F.layer_norm(x.float(), self.normalized_shape, weight, bias, self.eps)
+            out = F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps)
         return out.to(x.dtype)

@@ -200,6 +200,8 @@ class SelfAttention(nn.Module):
         self.in_proj_weight = nn.Parameter(torch.empty(3 * width, width))
         self.in_proj_bias = nn.Parameter(torch.zeros(3 * width))
         self.out_proj = nn.Linear(width, width)
+        nn.init.xavier_uniform_(self.in_proj_weight)  # nn.MultiheadAttention's default
+        nn.init.zeros_(self.out_proj.bias)
 
     def forward(self, x: torch.Tensor, causal: bool) -> torch.Tensor:
         b, l, c = x.shape
@@ -587,9 +589,23 @@ def load_weights(model: CLIP, state_dict: dict[str, torch.Tensor]) -> CLIP:
     return model
 
 
+def _build_uninitialized(config: CLIPConfig, **kwargs: Any) -> CLIP:
+    """A CLIP whose parameters are allocated but not initialised (they are about to be
+    overwritten by a state_dict: random init of a large model costs seconds)."""
+    with torch.device("meta"):
+        model = CLIP(config, **kwargs)
+    model = model.to_empty(device="cpu")
+    for name, buf in model.named_buffers():
+        if name.endswith("num_batches_tracked"):  # may be absent from OpenAI's state_dicts
+            buf.zero_()
+    if isinstance(model.visual, ModifiedResNet) and model.visual.channels_last:
+        model.visual.to(memory_format=torch.channels_last)
+    return model
+
+
 def from_state_dict(state_dict: dict[str, torch.Tensor], quick_gelu: bool = True, **kwargs: Any) -> CLIP:
     """A CLIP built from an OpenAI / open_clip / clip_fast state_dict (config inferred)."""
-    model = CLIP(config_from_state_dict(state_dict, quick_gelu), **kwargs)
+    model = _build_uninitialized(config_from_state_dict(state_dict, quick_gelu), **kwargs)
     return load_weights(model, state_dict).eval()
 
 
@@ -622,7 +638,7 @@ def from_checkpoint(ckpt: dict[str, Any], quick_gelu: bool | None = None) -> CLI
         config = CLIPConfig.from_dict(ckpt["config"])
         if quick_gelu is not None:
             config = dataclasses.replace(config, quick_gelu=quick_gelu)
-        return load_weights(CLIP(config), ckpt["model"]).eval()
+        return load_weights(_build_uninitialized(config), ckpt["model"]).eval()
     sd = ckpt["state_dict"] if isinstance(ckpt.get("state_dict"), dict) else ckpt
     return from_state_dict(sd, quick_gelu=True if quick_gelu is None else quick_gelu)
 
