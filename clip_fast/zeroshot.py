@@ -264,7 +264,7 @@ class ImageFolder(torch.utils.data.Dataset):
         path, label = self.samples[i]
         with Image.open(path) as img:
             pixels = pil_transform(img, self.image_size, train=False)  # uint8 (S, S, 3)
-        return normalize(torch.from_numpy(pixels)[None])[0], label
+        return normalize(torch.tensor(pixels)[None])[0], label
 
 
 def _load_tokenizer(path: str | None, checkpoint: dict):
@@ -294,7 +294,13 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     parser.add_argument("--output", default="zeroshot.json", help="where the results are written as JSON")
     args = parser.parse_args(argv)
+    try:
+        return _run(args)
+    except (ValueError, FileNotFoundError) as e:
+        parser.error(str(e))  # a one-line message and exit status 2, no traceback
 
+
+def _run(args: argparse.Namespace) -> int:
     from clip_fast.model.model import from_checkpoint, read_checkpoint
 
     templates: list[str] = list(args.templates or [])

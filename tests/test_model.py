@@ -14,7 +14,7 @@ from open_clip.loss import ClipLoss
 
 import clip_fast.model as cm
 from clip_fast.model import backends
-from clip_fast.model.model import Bottleneck, ResidualAttentionBlock
+from clip_fast.model.model import Bottleneck, ResidualAttentionBlock, _length_buckets
 
 TOKENIZE = open_clip.get_tokenizer("ViT-B-32")
 # Captions of very different lengths (3 to 60+ tokens): the batch is cut to the longest.
@@ -145,6 +145,30 @@ def test_text_trimming_is_exact():
         short = model.encode_text(tokens[:2, :20])  # a context shorter than 77 is accepted
     torch.testing.assert_close(batch, singles, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(short, batch[:2], rtol=1e-5, atol=1e-6)
+
+
+def test_length_buckets_are_exact_with_gradients():
+    # 40 captions of 3-12 tokens and one of 77: split into length buckets (each cut to its
+    # own longest caption); the features and gradients equal the untrimmed computation.
+    torch.manual_seed(12)
+    model = cm.create("tiny-vit").double()
+    words = ["cat", "on a mat", "photo of a red car", "a dog running in the park at dusk"]
+    tokens = TOKENIZE([words[i % 4] for i in range(40)] + ["word " * 100])
+    results = []
+    for trim in (True, False):
+        model.zero_grad()
+        feats = model.encode_text(tokens, trim=trim)
+        feats.square().sum().backward()
+        results.append((feats.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (f_trim, g_trim), (f_full, g_full) = results
+    torch.testing.assert_close(f_trim, f_full, rtol=1e-10, atol=1e-12)
+    assert g_trim.keys() == g_full.keys()
+    for name in g_full:
+        torch.testing.assert_close(g_trim[name], g_full[name], rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
+    lengths = (tokens.argmax(-1) + 1).tolist()
+    groups = _length_buckets(lengths, 4, 16)
+    assert len(groups) == 2 and sorted(sum(groups, [])) == list(range(41))
+    assert max(lengths[i] for i in groups[0]) < 77  # the short bucket is cut
 
 
 PAPER_CONFIGS = {"RN50": "RN50", "RN101": "RN101", "RN50x4": "RN50x4", "RN50x16": "RN50x16", "RN50x64": "RN50x64",

@@ -421,6 +421,11 @@ class CLIP(nn.Module):
         super().__init__()
         self.config = config
         self.output_dict = output_dict
+        # Text batches are cut to their longest caption; a batch whose lengths spread widely
+        # (one 77-token caption among 20-token ones) is split into up to `text_buckets`
+        # groups of at least `text_bucket_rows` rows, each cut to its own longest caption.
+        self.text_buckets = 4
+        self.text_bucket_rows = 16
         act = QuickGELU if config.quick_gelu else nn.GELU
         v, t = config.vision, config.text
         self.visual = ModifiedResNet(v, config.embed_dim) if v.is_resnet else VisionTransformer(v, config.embed_dim, act)
@@ -482,9 +487,12 @@ class CLIP(nn.Module):
         features = self.visual(images)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def encode_text(self, text: torch.Tensor, normalize: bool = False) -> torch.Tensor:
+    def encode_text(self, text: torch.Tensor, normalize: bool = False, trim: bool = True) -> torch.Tensor:
         """text (B, L <= context_length) token ids, EOT = the largest id of each row ->
-        features (B, embed_dim) taken at the EOT position after ln_final."""
+        features (B, embed_dim) taken at the EOT position after ln_final.
+
+        `trim` cuts the batch to its longest caption (same result, less work); False keeps
+        all L positions (static shapes, e.g. for torch.compile without dynamic shapes)."""
         if not isinstance(text, torch.Tensor) or text.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"text must be an int64/int32 tensor of token ids, got {getattr(text, 'dtype', type(text))}")
         if text.dim() != 2 or text.shape[0] == 0 or not 0 < text.shape[1] <= self.context_length:
@@ -492,15 +500,36 @@ class CLIP(nn.Module):
                 f"text must have shape (B, L) with 1 <= L <= context_length={self.context_length}, got {tuple(text.shape)}"
             )
         eot = text.argmax(dim=-1)  # (B,)
-        # One host sync for validation and the trimmed length.
-        lo, hi, last = torch.stack([text.min(), text.max(), eot.max()]).tolist()
+        # One host sync for validation and the trimmed lengths.
+        stats = torch.cat([torch.stack([text.min(), text.max()]), eot]).tolist()
+        (lo, hi), lengths = stats[:2], [i + 1 for i in stats[2:]]
         if lo < 0 or hi >= self.vocab_size:
             raise ValueError(f"token ids must lie in [0, vocab_size={self.vocab_size}), got range [{lo}, {hi}]")
-        length = last + 1  # positions after the last EOT cannot influence any EOT feature
-        x = self.token_embedding(text[:, :length]) + self.positional_embedding[:length]  # (B, length, C)
-        x = self.transformer(x, causal=True, pool_index=eot)  # (B, C): the last block at EOT only
-        x = self.ln_final(x) @ self.text_projection.to(x.dtype)  # (B, embed_dim)
+        if not trim:
+            x = self._encode_tokens(text, eot)
+        else:
+            groups = _length_buckets(lengths, self.text_buckets, self.text_bucket_rows)
+            if len(groups) == 1:
+                x = self._encode_tokens(text[:, : max(lengths)], eot)
+            else:
+                # Rows are independent in the text tower: each bucket of similar lengths
+                # is cut to its own longest caption; features go back in input order.
+                parts, order = [], []
+                for rows in groups:
+                    idx = torch.tensor(rows, device=text.device)
+                    parts.append(self._encode_tokens(text[idx, : lengths[rows[-1]]], eot[idx]))
+                    order.extend(rows)
+                inverse = torch.empty(len(order), dtype=torch.long)
+                inverse[torch.tensor(order)] = torch.arange(len(order))
+                x = torch.cat(parts)[inverse.to(text.device)]
         return F.normalize(x, dim=-1) if normalize else x
+
+    def _encode_tokens(self, text: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
+        """(B, L) tokens with EOT positions (B,) -> projected EOT features (B, embed_dim)."""
+        length = text.shape[1]
+        x = self.token_embedding(text) + self.positional_embedding[:length]  # (B, L, C)
+        x = self.transformer(x, causal=True, pool_index=eot)  # (B, C): the last block at EOT only
+        return self.ln_final(x) @ self.text_projection.to(x.dtype)  # (B, embed_dim)
 
     def forward(self, image: torch.Tensor | None = None, text: torch.Tensor | None = None):
         image_features = self.encode_image(image, normalize=True) if image is not None else None
@@ -513,6 +542,19 @@ class CLIP(nn.Module):
         if self.logit_bias is not None:
             return image_features, text_features, self.logit_scale.exp(), self.logit_bias
         return image_features, text_features, self.logit_scale.exp()
+
+
+def _length_buckets(lengths: list[int], max_buckets: int, min_rows: int) -> list[list[int]]:
+    """Row indices split into equal-count groups of increasing caption length, when that
+    cuts the padded token count (sum of rows x group max) by at least 10%; else one group."""
+    n = len(lengths)
+    k = max(1, min(max_buckets, n // max(1, min_rows)))
+    if k == 1:
+        return [list(range(n))]
+    order = sorted(range(n), key=lengths.__getitem__)
+    groups = [order[i * n // k : (i + 1) * n // k] for i in range(k)]
+    padded = sum(len(g) * lengths[g[-1]] for g in groups)
+    return groups if padded < 0.9 * n * max(lengths) else [list(range(n))]
 
 
 # ----------------------------------------------------------------------------- building and loading
