@@ -370,7 +370,9 @@ def wrap_model(model: nn.Module, args: argparse.Namespace, env: DistEnv) -> nn.M
         for name in ("layer1", "layer2", "layer3", "layer4"):
             for block in getattr(model.visual, name, []):
                 fully_shard(block, mesh=mesh, mp_policy=mp)
-        model = fully_shard(model, mesh=mesh, mp_policy=mp)
+        # fully_shard rejects 0-d parameters: the temperature (and bias) stay replicated
+        # plain tensors, their gradients averaged by _LocalShardAdamW.
+        model = fully_shard(model, mesh=mesh, mp_policy=mp, ignored_params=set(_scalar_params(model)))
     elif env.world_size > 1:
         model = nn.parallel.DistributedDataParallel(
             model, device_ids=[env.device.index] if env.device.type == "cuda" else None,
@@ -378,6 +380,10 @@ def wrap_model(model: nn.Module, args: argparse.Namespace, env: DistEnv) -> nn.M
     if args.compile:
         model = torch.compile(model)
     return model
+
+
+def _scalar_params(model: nn.Module) -> list[nn.Parameter]:
+    return [p for p in model.parameters() if p.dim() == 0]
 
 
 def unwrap(model: nn.Module) -> nn.Module:
@@ -399,10 +405,14 @@ class _GatheredContrastiveLoss(nn.Module):
         self.inner = ContrastiveLoss()
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
-        from torch.distributed.nn.functional import all_gather
+        import warnings
 
-        all_image = torch.cat(all_gather(image_features), dim=0)
-        all_text = torch.cat(all_gather(text_features), dim=0)
+        from torch.distributed.nn.functional import all_gather  # autograd-aware; gloo and NCCL
+
+        with warnings.catch_warnings():  # deprecated in favour of an API whose backward gloo lacks
+            warnings.simplefilter("ignore", FutureWarning)
+            all_image = torch.cat(all_gather(image_features), dim=0)  # (W * b, D)
+            all_text = torch.cat(all_gather(text_features), dim=0)
         return self.inner(all_image, all_text, logit_scale, logit_bias, output_dict=output_dict)
 
 
@@ -452,13 +462,13 @@ class _LocalShardAdamW:
     def __init__(self, model: nn.Module, make_optimizer) -> None:
         from clip_fast.optim import param_groups
 
-        groups = param_groups(model, 0.0)  # only the split into decay / no-decay matters here
+        groups = param_groups(model, 1.0)  # only the split into decay / no-decay matters here
         self.pairs: list[tuple[nn.Parameter, torch.Tensor]] = []
         local_groups = []
         for g in groups:
             local = []
             for p in g["params"]:
-                t = p.to_local() if hasattr(p, "to_local") else p
+                t = p.to_local().detach() if hasattr(p, "to_local") else p  # a leaf view of the shard
                 self.pairs.append((p, t))
                 local.append(t)
             local_groups.append({"params": local, "no_decay": g["weight_decay"] == 0.0})
@@ -475,8 +485,13 @@ class _LocalShardAdamW:
 
     def step(self) -> None:
         for p, t in self.pairs:
-            if p.grad is not None:
-                t.grad = p.grad.to_local() if hasattr(p.grad, "to_local") else p.grad
+            if p.grad is None:
+                continue
+            if hasattr(p.grad, "to_local"):
+                t.grad = p.grad.to_local()
+            else:  # a replicated parameter outside FSDP (logit_scale): average like DDP
+                dist.all_reduce(p.grad)
+                t.grad = p.grad.div_(dist.get_world_size())
         self.inner.step()
 
     def state_dict(self):

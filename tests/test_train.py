@@ -153,44 +153,93 @@ def _ddp_worker(rank: int, world: int, port: int, argv: list[str]) -> None:
     T.train(argv)
 
 
-def test_ddp_two_processes_match_one_process_on_the_union_batch(demo, tmp_path):
+def _spawn(argv: list[str]) -> None:
     import torch.multiprocessing as mp
 
+    mp.start_processes(_ddp_worker, args=(2, _free_port(), argv), nprocs=2, join=True, start_method="spawn")
+
+
+DDP_LR = 1e-3
+
+
+def _dist_argv(demo, tokenizer_file, save_dir, name, *extra):
+    return _argv(demo, save_dir, name, "--batch-size", "8", "--warmup", "0", "--lr", str(DDP_LR), "--epochs", "2",
+                 "--tokenizer", tokenizer_file, *extra)
+
+
+@pytest.fixture(scope="module")
+def ddp_run(demo, tokenizer_file, tmp_path_factory):
+    """Two gloo ranks, 2 steps of 8 samples per rank (spawned, no torchrun)."""
+    root = tmp_path_factory.mktemp("ddp")
+    argv = _dist_argv(demo, tokenizer_file, root, "ddp", "--max-steps", "2", "--dist", "ddp")
+    _spawn(argv)
+    return argv, root / "ddp"
+
+
+def test_ddp_two_processes_match_one_process_on_the_union_batch(demo, ddp_run):
     from clip_fast import ContrastiveLoss
     from clip_fast.data.loader import build_loader
     from clip_fast.data.tokenizer import Tokenizer
 
-    lr = 1e-3
-    argv = _argv(demo, tmp_path, "ddp", "--max-steps", "1", "--batch-size", "8", "--warmup", "0", "--lr", str(lr),
-                 "--wd", "0")
-    mp.start_processes(_ddp_worker, args=(2, _free_port(), argv), nprocs=2, join=True, start_method="spawn")
-
-    ckpt = _load(tmp_path / "ddp" / "checkpoints" / "step_1.pt")
+    argv, run = ddp_run
+    ckpt = _load(run / "checkpoints" / "step_2.pt")
     assert len(ckpt["rng_states"]) == 2 and ckpt["args"]["batch_size"] == 8
-    assert json.loads((tmp_path / "ddp" / "zeroshot.json").read_text())["n"] == 40  # 20 images per rank, summed
-    logged = json.loads((tmp_path / "ddp" / "log.jsonl").read_text().splitlines()[0])
+    assert json.loads((run / "zeroshot.json").read_text())["n"] == 40  # 20 images per rank, summed
+    logged = [json.loads(line)["loss"] for line in (run / "log.jsonl").read_text().splitlines()]
 
-    # One process: the same initial weights, both ranks' first batches, the global loss.
+    # One process: the same initial weights, per step the union of both ranks' batches,
+    # the global loss, the same schedule and optimizer.
     tok = Tokenizer.from_json(ckpt["tokenizer"])
     args = T.parse_args(argv)
     model = T.build_model(args, tok, T.DistEnv())
-    init = {k: v.clone() for k, v in model.state_dict().items()}
-    batches = [next(iter(build_loader(demo.train_shards, 8, 64, tok, rank=r, world_size=2, num_workers=0, seed=0)))
-               for r in range(2)]
-    images = torch.cat([b[0] for b in batches])
-    tokens = torch.cat([b[1] for b in batches])
-    loss = ContrastiveLoss()(*model(images, tokens))
-    assert logged["loss"] == pytest.approx(loss.item(), rel=1e-5)
     opt = T.build_optimizer(model, args, fsdp=False)
-    for g in opt.param_groups:
-        g["lr"] = lr
-    loss.backward()
-    opt.step()
-    model.logit_scale.data.clamp_(0, math.log(100))
+    ranks = [iter(build_loader(demo.train_shards, 8, 64, tok, rank=r, world_size=2, num_workers=0, seed=0))
+             for r in range(2)]
+    for step in range(2):
+        batches = [next(it) for it in ranks]
+        loss = ContrastiveLoss()(*model(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])))
+        assert logged[step] == pytest.approx(loss.item(), rel=1e-5)
+        for g in opt.param_groups:
+            g["lr"] = T.cosine_lr(step, DDP_LR, 0, 12)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        model.logit_scale.data.clamp_(0, math.log(100))
     for k, v in model.state_dict().items():
-        moved = (ckpt["model"][k] - init[k]).abs().max()
-        # Adam's first step is lr * g / (|g| + eps): elementwise about +-lr, so compare with lr.
-        assert (ckpt["model"][k] - v).abs().max() <= 0.02 * lr, (k, moved)
+        _assert_same_steps(ckpt["model"][k], v, k)
+
+
+def _assert_same_steps(a: torch.Tensor, b: torch.Tensor, name: str) -> None:
+    """Adam's early steps move each element by about lr * g / (|g| + eps): compare with lr.
+    Elements whose gradient is pure rounding noise (the key bias: softmax ignores it, so
+    its exact gradient is 0) can differ by a few % of lr; the mean must be far smaller."""
+    diff = (a.float() - b.float()).abs()
+    assert diff.max() <= 0.1 * DDP_LR and diff.mean() <= 1e-3 * DDP_LR, (name, diff.max(), diff.mean())
+
+
+def test_fsdp2_matches_ddp_and_resumes(demo, tokenizer_file, ddp_run, tmp_path):
+    """FSDP2 (fully_shard, gloo) computes the same steps as DDP; its checkpoint gathers
+    full weights that clip_fast.model.load reads; resuming from its per-rank optimizer
+    shards continues exactly."""
+    from clip_fast import model as cf
+
+    def run(name, *extra):
+        _spawn(_dist_argv(demo, tokenizer_file, tmp_path, name, "--dist", "fsdp2", *extra))
+        return tmp_path / name / "checkpoints" / "latest.pt"
+
+    fsdp_path = run("fsdp", "--max-steps", "2")
+    assert (fsdp_path.parent / "step_2.optim.rank1.pt").is_file()
+    fsdp, ddp = _load(fsdp_path), _load(ddp_run[1] / "checkpoints" / "step_2.pt")
+    for k, v in ddp["model"].items():
+        _assert_same_steps(fsdp["model"][k], v, k)
+    assert json.loads((tmp_path / "fsdp" / "zeroshot.json").read_text())["n"] == 40
+    loaded = cf.load(str(fsdp_path))
+    assert torch.equal(loaded.visual.proj, fsdp["model"]["visual.proj"])
+
+    run("fsdp_split", "--max-steps", "1")
+    resumed = _load(run("fsdp_split", "--max-steps", "2", "--resume", "latest"))
+    assert resumed["step"] == 2
+    assert all(torch.equal(resumed["model"][k], v) for k, v in fsdp["model"].items())
 
 
 # ----------------------------------------------------------------------------- FLOPs
@@ -265,3 +314,4 @@ def test_bad_precision_and_resume(demo, tmp_path, capsys):
     # The CLI prints one clear line and exits with 2.
     assert T.main(_argv(demo, tmp_path, "x", "--batch-size", "1000")) == 2
     assert "batch_size=1000 is larger than" in capsys.readouterr().err
+
