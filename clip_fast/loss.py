@@ -267,7 +267,10 @@ class ContrastiveLoss(nn.Module):
     """Drop-in for open_clip's `ClipLoss` that never materialises the B x B logits.
 
     Same constructor and call as open_clip 3.x; `logit_scale` is the already
-    exponentiated scale (as open_clip's models return it). Extra keyword:
+    exponentiated scale (as open_clip's models return it). With world_size > 1 (an
+    initialised torch.distributed group) each rank computes only its row block of the
+    logits (clip_fast.distributed_loss) and reproduces open_clip's local_loss x
+    gather_with_grad semantics. Extra keyword:
     `deterministic=True` trades one more pass over S for a bitwise-reproducible
     backward on GPU (no floating-point atomics).
 
@@ -310,12 +313,16 @@ class ContrastiveLoss(nn.Module):
             logit_bias = torch.tensor(float(logit_bias), device=device)
         _check_inputs(image_features, text_features, logit_scale, logit_bias)
         if self.world_size > 1:
-            raise NotImplementedError(
-                "ContrastiveLoss with world_size > 1 (the sharded-similarity loss) is not implemented yet"
+            if self.use_horovod:
+                raise NotImplementedError("ContrastiveLoss(use_horovod=True): only torch.distributed is supported")
+            from clip_fast.distributed_loss import ShardSpec, sharded_contrastive_loss
+
+            spec = ShardSpec(self.rank, self.world_size, self.local_loss, self.gather_with_grad, self.deterministic)
+            loss = sharded_contrastive_loss(image_features, text_features, logit_scale, logit_bias, spec)
+        else:
+            loss = _ContrastiveLossFunction.apply(
+                image_features, text_features, logit_scale, logit_bias, self.deterministic
             )
-        loss = _ContrastiveLossFunction.apply(
-            image_features, text_features, logit_scale, logit_bias, self.deterministic
-        )
         return {"contrastive_loss": loss} if output_dict else loss
 
 
