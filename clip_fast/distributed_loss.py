@@ -67,18 +67,20 @@ def _collective_device(t: torch.Tensor, group) -> torch.device:
     return t.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
 
 
-def check_equal_shapes(features: torch.Tensor, spec: ShardSpec) -> None:
-    """Same (b, D) on every rank, else the same ValueError on every rank."""
+def check_group(features: torch.Tensor, rank: int, world_size: int, group=None) -> None:
+    """The process group matches (rank, world_size) and every rank holds features of
+    the same (b, D); otherwise the same ValueError on every rank (the sizes are
+    all-gathered first, so no rank is left waiting in a later collective)."""
     if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError(f"world_size={spec.world_size} needs an initialised torch.distributed process group")
-    if dist.get_world_size(spec.group) != spec.world_size or dist.get_rank(spec.group) != spec.rank:
+        raise ValueError(f"world_size={world_size} needs an initialised torch.distributed process group")
+    if dist.get_world_size(group) != world_size or dist.get_rank(group) != rank:
         raise ValueError(
-            f"rank={spec.rank}, world_size={spec.world_size} do not match the process group "
-            f"(rank {dist.get_rank(spec.group)} of {dist.get_world_size(spec.group)})"
+            f"rank={rank}, world_size={world_size} do not match the process group "
+            f"(rank {dist.get_rank(group)} of {dist.get_world_size(group)})"
         )
-    mine = torch.tensor(list(features.shape), dtype=torch.int64, device=_collective_device(features, spec.group))
-    shapes = [torch.empty_like(mine) for _ in range(spec.world_size)]
-    dist.all_gather(shapes, mine, group=spec.group)
+    mine = torch.tensor(list(features.shape), dtype=torch.int64, device=_collective_device(features, group))
+    shapes = [torch.empty_like(mine) for _ in range(world_size)]
+    dist.all_gather(shapes, mine, group=group)
     shapes = [tuple(s.tolist()) for s in shapes]
     if len(set(shapes)) != 1:
         raise ValueError(
@@ -233,5 +235,5 @@ def sharded_contrastive_loss(
 ) -> torch.Tensor:
     """Entry point for ContrastiveLoss.forward when world_size > 1 (inputs already
     validated locally): checks the shapes across ranks, then runs the sharded loss."""
-    check_equal_shapes(image_features, spec)
+    check_group(image_features, spec.rank, spec.world_size, spec.group)
     return ShardedContrastiveFunction.apply(image_features, text_features, logit_scale, logit_bias, spec)

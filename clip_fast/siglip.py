@@ -38,10 +38,13 @@ import torch.nn.functional as F
 
 from clip_fast._backend import use_triton
 
-# Elements of one row-chunk of S on the CPU path (~4 MiB per fp32 temporary, a few
-# temporaries alive at a time): large enough for efficient GEMMs, small enough that
-# memory stays O(chunk * B) instead of O(B^2).
-_CPU_CHUNK_ELEMENTS = 1 << 20
+# CPU path tiles of S: up to _CPU_TILE_ROWS rows x (_CPU_TILE_ELEMENTS / rows) columns
+# (~4 MiB per fp32 temporary, a few alive at a time): memory O(tile), not O(B^2).
+# Square-ish tiles rather than full rows: the text-gradient GEMM G.T @ I sums over the
+# tile's rows and read-modify-writes only the tile's columns of dT, where row chunks
+# of 64 rows (2^20 / 16k) made it a K=64 GEMM rewriting all of dT (32 MiB) per chunk.
+_CPU_TILE_ELEMENTS = 1 << 20
+_CPU_TILE_ROWS = 1024
 
 _DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
@@ -98,14 +101,6 @@ def _as_scalar(value: Union[torch.Tensor, float, None], name: str, like: torch.T
 # one (M x N) block: loss and gradients in one pass, dispatched per device
 
 
-@dataclasses.dataclass
-class _BlockGrads:
-    """Gradient accumulators of one rank, in the compute precision."""
-
-    d_image: torch.Tensor  # (M, D) summed over all blocks this rank computes
-    stats: torch.Tensor  # (3,) loss, dscale, dbias summed over blocks
-
-
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
 
@@ -133,34 +128,39 @@ def _block_torch(
     d_image: torch.Tensor,  # (M, D) accumulated into
     d_text: torch.Tensor,  # (N, D) accumulated into
 ) -> torch.Tensor:
-    """CPU path of the fused kernel: the same pass over S, one chunk of rows at a time.
+    """CPU path of the fused kernel: the same single pass over S, tile by tile.
 
     Works with y = -z * S (= S for negatives, -S on the diagonal), so that the loss is
-    softplus(y) and dL/dS = -z * sigmoid(y) / n: per chunk one matmul, four elementwise
+    softplus(y) and dL/dS = -z * sigmoid(y) / n: per tile one matmul, four elementwise
     sweeps (y, softplus+sum, in-place sigmoid, the dscale dot) and two GEMMs that apply
     scale/n through `alpha` instead of extra sweeps. Eager torch makes every op a pass
-    over the (chunk, N) block, so their number sets the CPU time beside the matmuls.
+    over the tile, so their number sets the CPU time beside the matmuls.
     """
     M, N = image.shape[0], text.shape[0]
-    chunk = max(1, min(M, _CPU_CHUNK_ELEMENTS // max(N, 1)))
-    scale_f = float(scale)  # GEMM alpha
+    tile_rows = max(1, min(M, _CPU_TILE_ROWS))
+    tile_cols = max(1, min(N, _CPU_TILE_ELEMENTS // tile_rows))
+    alpha = float(scale) * inv_n  # GEMM alpha: dL/dfeatures = scale/n * g @ features
     loss = image.new_zeros(())
     ds = image.new_zeros(())
     db = image.new_zeros(())
-    for r0 in range(0, M, chunk):
-        rows = image[r0 : r0 + chunk]  # (c, D)
-        dots = rows @ text.T  # (c, N)
-        y = torch.addcmul(bias, dots, scale)  # S: every pair a negative ...
-        if has_pos:
-            y.diagonal(r0).neg_()  # ... except (i, r0 + i): the global diagonal
-        loss = loss + F.softplus(y).sum()  # softplus(-zS) = -logsigmoid(zS)
-        g = torch.sigmoid(y, out=y)  # sigmoid(-zS) = -z * n * dL/dS
-        if has_pos:
-            g.diagonal(r0).neg_()  # g = n * dL/dS
-        ds = ds + torch.dot(g.reshape(-1), dots.reshape(-1))
-        db = db + g.sum()
-        d_image[r0 : r0 + chunk].addmm_(g, text, alpha=scale_f * inv_n)
-        d_text.addmm_(g.T, rows, alpha=scale_f * inv_n)
+    for r0 in range(0, M, tile_rows):
+        rows = image[r0 : r0 + tile_rows]  # (tr, D)
+        for c0 in range(0, N, tile_cols):
+            cols = text[c0 : c0 + tile_cols]  # (tc, D)
+            dots = rows @ cols.T  # (tr, tc)
+            y = torch.addcmul(bias, dots, scale)  # S: every pair a negative ...
+            # ... except global (i, i) = tile entry (i - r0, i - c0): the tile's diagonal
+            # at offset r0 - c0 (an empty view when the tile misses it)
+            if has_pos:
+                y.diagonal(r0 - c0).neg_()
+            loss = loss + F.softplus(y).sum()  # softplus(-zS) = -logsigmoid(zS)
+            g = torch.sigmoid(y, out=y)  # sigmoid(-zS) = -z * n * dL/dS
+            if has_pos:
+                g.diagonal(r0 - c0).neg_()  # g = n * dL/dS
+            ds = ds + torch.dot(g.reshape(-1), dots.reshape(-1))
+            db = db + g.sum()
+            d_image[r0 : r0 + tile_rows].addmm_(g, cols, alpha=alpha)
+            d_text[c0 : c0 + tile_cols].addmm_(g.T, rows, alpha=alpha)
     return torch.stack([loss, ds, db]) * inv_n
 
 
@@ -397,28 +397,6 @@ class SigLipLoss(nn.Module):
         self.world_size = world_size
         self.dist_impl = dist_impl
 
-    def _check_group(self, image_features: torch.Tensor) -> None:
-        """Same (b, D) on every rank, else a ValueError on EVERY rank (no hang later)."""
-        import torch.distributed as dist
-
-        if not (dist.is_available() and dist.is_initialized()):
-            raise ValueError(f"world_size={self.world_size} needs an initialised torch.distributed process group")
-        if dist.get_world_size() != self.world_size or dist.get_rank() != self.rank:
-            raise ValueError(
-                f"rank={self.rank}, world_size={self.world_size} do not match the process group "
-                f"(rank {dist.get_rank()} of {dist.get_world_size()})"
-            )
-        device = image_features.device if dist.get_backend() == "nccl" else torch.device("cpu")
-        mine = torch.tensor(list(image_features.shape), device=device, dtype=torch.int64)
-        shapes = [torch.empty_like(mine) for _ in range(self.world_size)]
-        dist.all_gather(shapes, mine)
-        shapes = [tuple(s.tolist()) for s in shapes]
-        if len(set(shapes)) != 1:
-            raise ValueError(
-                "image_features/text_features must have the same shape (b, D) on every rank; got "
-                + ", ".join(f"rank {r}: {s}" for r, s in enumerate(shapes))
-            )
-
     def forward(
         self,
         image_features: torch.Tensor,
@@ -432,7 +410,9 @@ class SigLipLoss(nn.Module):
         scale = _as_scalar(logit_scale, "logit_scale", image_features)
         bias = _as_scalar(logit_bias, "logit_bias", image_features)
         if self.world_size > 1:
-            self._check_group(image_features)
+            from clip_fast.distributed_loss import check_group
+
+            check_group(image_features, self.rank, self.world_size)
             ring = _Ring.for_impl(self.dist_impl, self.rank, self.world_size)
             loss = RingSigLipFunction.apply(image_features, text_features, scale, bias, ring)
         else:

@@ -88,9 +88,10 @@ def test_half_precision_within_twice_torch_error(dtype):
         assert _rel_err(mine, exact) <= 2 * _rel_err(theirs, exact) + 1e-6
 
 
-def test_multi_chunk_path_places_positives_on_the_global_diagonal(monkeypatch):
-    # force 3-row chunks: the diagonal of chunk r0 sits at column offset r0
-    monkeypatch.setattr(siglip_mod, "_CPU_CHUNK_ELEMENTS", 3 * 20)
+def test_tiled_path_places_positives_on_the_global_diagonal(monkeypatch):
+    # force 3 x 5 tiles: the diagonal of tile (r0, c0) sits at offset r0 - c0
+    monkeypatch.setattr(siglip_mod, "_CPU_TILE_ROWS", 3)
+    monkeypatch.setattr(siglip_mod, "_CPU_TILE_ELEMENTS", 15)
     leaves = _inputs(20, 5, torch.float64, 7.0, -2.0, normalise=False)
     ours, ours_g = _loss_and_grads(SigLipLoss(), *leaves)
     ref, ref_g = _loss_and_grads(OpenClipSigLip(), *leaves)
