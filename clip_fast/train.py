@@ -723,11 +723,11 @@ def val_loss(model: nn.Module, loader, loss_fn: nn.Module, env: DistEnv, args, f
     """Mean contrastive loss over the validation shards (each rank its share)."""
     model.eval()
     total = torch.zeros(2, device=env.device, dtype=torch.float64)
-    with autocast_context(args.precision, env.device, fsdp):
-        for images, tokens in loader:
+    for images, tokens in loader:
+        with autocast_context(args.precision, env.device, fsdp):
             out = model(images, tokens)
-            total[0] += loss_fn(*out).float() * images.shape[0]
-            total[1] += images.shape[0]
+        total[0] += loss_fn(*out).float() * images.shape[0]
+        total[1] += images.shape[0]
     model.train()
     if env.world_size > 1:
         dist.all_reduce(total)
@@ -944,7 +944,9 @@ def _train(args: argparse.Namespace, env: DistEnv) -> dict[str, Any]:
                     g["lr"] = lr
                 with autocast_context(args.precision, env.device, fsdp):
                     out = model(images, tokens)
-                    loss = loss_fn(*out)
+                # The blockwise losses pick their own precision (fp32 softmax statistics,
+                # tensor cores for bf16 features): called outside autocast.
+                loss = loss_fn(*out)
                 optimizer.zero_grad(set_to_none=True)
                 scaler.scale(loss).backward()
                 if scaler.is_enabled():

@@ -111,6 +111,18 @@ def test_short_run_checkpoint_logs_and_zeroshot_cli(demo, tmp_path, capsys):
     assert not (run / "results.jsonl").read_text().count("val_loss")
 
 
+def test_siglip_amp_bf16_checkpointing_resnet(demo, tokenizer_file, tmp_path):
+    """The other code paths in one short run: SigLIP (model gets a logit bias), bf16
+    autocast on CPU, gradient checkpointing, the ModifiedResNet tower."""
+    out = T.train(_argv(demo, tmp_path, "rn", "--model", "tiny-rn", "--loss", "siglip", "--precision", "amp_bf16",
+                        "--grad-checkpointing", "--max-steps", "2", "--tokenizer", tokenizer_file))
+    assert out["step"] == 2 and math.isfinite(out["loss"])
+    ckpt = _load(out["checkpoint"])
+    assert "logit_bias" in ckpt["model"] and ckpt["config"]["init_logit_bias"] == -10.0
+    assert ckpt["model"]["logit_scale"] <= math.log(100) + 1e-6
+    assert out["model"].visual.layer1[0].conv1.weight.dtype == torch.float32  # amp keeps fp32 weights
+
+
 # ----------------------------------------------------------------------------- resume
 
 
