@@ -218,28 +218,40 @@ def _pow2_at_least(x: int, floor: int) -> int:
     return max(floor, 1 << (max(x, 1) - 1).bit_length())
 
 
-def block_config(dtype: torch.dtype, dim: int, kind: str) -> dict:
+def block_config(dtype: torch.dtype, dim: int, kind: str, aligned: bool) -> dict:
     """Tile sizes and launch parameters for `kind` in {"fwd", "bwd"}.
 
     Chosen with the AOT report (python -m clip_fast.aot): the largest tiles that
-    compile for sm_80 and sm_90 with no stack frame (no spills). bf16/fp16 forward uses
-    128-row tiles (two wgmma warpgroups on sm_90). The backward keeps P, its low-
-    precision copy and two gradient chunks live at once, so its tiles are smaller.
-    fp32 runs as 3xTF32 with narrow K chunks. K and D chunks shrink for small feature
-    dims (tl.dot needs K >= 16) so a tiny D does not pay for a 64-wide padded pass.
+    compile for sm_80 and sm_90 with no stack frame (no spills). `aligned` calls (16-byte
+    aligned features, D and row strides multiples of 16: every CLIP width) are
+    specialised by Triton to vectorised loads with far fewer address registers, which
+    leaves room for 128-wide tiles (two wgmma warpgroups on sm_90); other calls get
+    smaller tiles. The backward keeps G, its low-precision copy and two gradient chunks
+    live at once. fp32 runs as 3xTF32 with narrow K chunks. K and D chunks shrink for
+    small feature dims (tl.dot needs K >= 16) so a tiny D does not pay for a padded pass.
     """
     wide = dtype in (torch.bfloat16, torch.float16)
     block_k = min(64 if wide else 16, _pow2_at_least(dim, 16))
     if kind == "fwd":
         if wide:
-            return dict(BLOCK_M=128, BLOCK_N=64, BLOCK_K=block_k, num_warps=8, num_stages=3)
-        return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, num_warps=8, num_stages=2)
+            block_n = 128 if aligned else 64
+            return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8, num_stages=3)
+        block_m = 128 if aligned else 64
+        return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, num_warps=8, num_stages=2)
     if kind == "bwd":
         if wide:
             block_d = min(32, _pow2_at_least(dim, 16))
-            return dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=8, num_stages=2)
-        return dict(BLOCK_M=64, BLOCK_N=32, BLOCK_K=block_k, BLOCK_D=16, num_warps=8, num_stages=2)
+            block_m = 128 if aligned else 64
+            return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=8, num_stages=2)
+        block_n = 64 if aligned else 32
+        return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=16, num_warps=8, num_stages=2)
     raise ValueError(f"kind must be 'fwd' or 'bwd', got {kind!r}")
+
+
+def is_aligned(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Whether Triton will specialise this call on 16-divisibility of the features'
+    pointers, D and row strides (the variant compiled as `aligned` ahead of time)."""
+    return all(v % 16 == 0 for v in (a.shape[1], a.stride(0), b.stride(0), a.data_ptr(), b.data_ptr()))
 
 
 def _input_precision(dtype: torch.dtype) -> str:
@@ -279,7 +291,7 @@ def lse_forward(
     _check_operands(a, b)
     M, D = a.shape
     N = b.shape[0]
-    cfg = block_config(a.dtype, D, "fwd")
+    cfg = block_config(a.dtype, D, "fwd", is_aligned(a, b))
     num_programs = min(triton.cdiv(M, cfg["BLOCK_M"]), _max_programs(a.device))
     row_lse = torch.empty(M, device=a.device, dtype=torch.float32)
     col_part = torch.full((num_programs, N), float("-inf"), device=a.device, dtype=torch.float32)
@@ -321,7 +333,7 @@ def grad_backward(
     _check_operands(a, b)
     M, D = a.shape
     N = b.shape[0]
-    cfg = block_config(a.dtype, D, "bwd")
+    cfg = block_config(a.dtype, D, "bwd", is_aligned(a, b))
     p_scale = p_scale_for(min(M, N))
     grad_a = torch.zeros(M, D, device=a.device, dtype=torch.float32)
     grad_b = torch.zeros(N, D, device=a.device, dtype=torch.float32)
@@ -351,16 +363,25 @@ def grad_backward(
 # ----------------------------------------------------------------------------- AOT
 
 
+# M and N are left out: batch sizes need not be multiples of 16, and the variant with
+# fewer hints is the one with more register pressure.
+_ALIGNED_ARGS = ("a_ptr", "b_ptr", "D", "stride_am", "stride_bn")
+
+
 def aot_configs() -> list[KernelConfig]:
-    """Every configuration the launchers above can pick (dtype x K/D chunk width)."""
+    """Every configuration the launchers above can pick: dtype x K/D chunk width x
+    generic or 16-aligned (the form a typical call, e.g. D = 512..1280, is specialised
+    to at run time, with its larger tiles)."""
     configs = []
     for dtype, name in _TL_DTYPE.items():
-        widths = sorted({block_config(dtype, d, "fwd")["BLOCK_K"] for d in (1, 16, 32, 64, 4096)})
-        for dim in widths:
-            fwd = block_config(dtype, dim, "fwd")
+        widths = sorted({block_config(dtype, d, "fwd", False)["BLOCK_K"] for d in (1, 16, 32, 64, 4096)})
+        variants = [(dim, aligned) for dim in widths for aligned in (False, True)]
+        for dim, aligned in variants:
+            suffix = ",aligned" if aligned else ""
+            fwd = block_config(dtype, dim, "fwd", aligned)
             configs.append(
                 KernelConfig(
-                    name=f"contrastive_lse_fwd[{name},BK={fwd['BLOCK_K']},bias]",
+                    name=f"contrastive_lse_fwd[{name},BK={fwd['BLOCK_K']}{suffix}]",
                     fn=_lse_forward_kernel,
                     signature={
                         "a_ptr": f"*{name}", "b_ptr": f"*{name}", "row_lse_ptr": "*fp32", "col_part_ptr": "*fp32",
@@ -374,14 +395,15 @@ def aot_configs() -> list[KernelConfig]:
                         INPUT_PRECISION=_input_precision(dtype), WIDEN=False,
                     ),
                     num_warps=fwd["num_warps"], num_stages=fwd["num_stages"], uses_tensor_cores=True,
+                    aligned=_ALIGNED_ARGS + ("row_lse_ptr", "col_part_ptr") if aligned else (),
                 )
             )
-            bwd = block_config(dtype, dim, "bwd")
+            bwd = block_config(dtype, dim, "bwd", aligned)
             for compute_grad_b in (True, False):
                 configs.append(
                     KernelConfig(
                         name=f"contrastive_grad_bwd[{name},BK={bwd['BLOCK_K']},BD={bwd['BLOCK_D']},"
-                        + ("atomic" if compute_grad_b else "deterministic") + "]",
+                        + ("atomic" if compute_grad_b else "deterministic") + suffix + "]",
                         fn=_grad_backward_kernel,
                         signature={
                             "a_ptr": f"*{name}", "b_ptr": f"*{name}", "row_lse_ptr": "*fp32", "col_lse_ptr": "*fp32",
@@ -397,6 +419,7 @@ def aot_configs() -> list[KernelConfig]:
                             INPUT_PRECISION=_input_precision(dtype), WIDEN=False,
                         ),
                         num_warps=bwd["num_warps"], num_stages=bwd["num_stages"], uses_tensor_cores=True,
+                        aligned=_ALIGNED_ARGS + ("grad_a_ptr", "grad_b_ptr") if aligned else (),
                     )
                 )
     return configs
