@@ -9,6 +9,7 @@ import pytest
 import torch
 import torch.distributed as dist
 
+from clip_fast import ContrastiveLoss
 from clip_fast.distributed_loss import ShardSpec, sharded_contrastive_loss
 from distributed_helpers import open_clip_loss_module, run_on_group
 
@@ -31,8 +32,8 @@ def _run(loss_fn, inputs, grad_output, dtype):
 
 
 def _ours(rank, world_size, local_loss, gather_with_grad):
-    spec = ShardSpec(rank, world_size, local_loss, gather_with_grad)
-    return lambda i, t, s, b: sharded_contrastive_loss(i, t, s, b, spec)
+    """The public drop-in, as a trainer constructs it (dispatches to the sharded loss)."""
+    return ContrastiveLoss(local_loss=local_loss, gather_with_grad=gather_with_grad, rank=rank, world_size=world_size)
 
 
 def _theirs(rank, world_size, local_loss, gather_with_grad):

@@ -177,3 +177,9 @@ def test_open_clip_constructor_signature_is_accepted():
     loss_fn = ContrastiveLoss(local_loss=False, gather_with_grad=False, cache_labels=True, rank=0, world_size=1, use_horovod=False)
     image, text = make_inputs(5, 3, torch.float32, normalized=True)
     assert max_err(loss_fn(image, text, torch.tensor(2.0)), open_clip_loss(image, text, torch.tensor(2.0))) < 1e-6
+
+
+def test_horovod_is_refused_not_ignored():
+    image, text = make_inputs(4, 3, torch.float32, normalized=True)
+    with pytest.raises(NotImplementedError, match="horovod"):
+        ContrastiveLoss(world_size=2, use_horovod=True)(image, text, torch.tensor(2.0))
