@@ -21,12 +21,11 @@ import torch
 from torch import nn
 
 from clip_fast._backend import use_triton
+from clip_fast._checks import as_scalar, check_feature_pair
 
 # Elements of one (chunk x N) block of S on the CPU path: 2^23 fp32 = 32 MiB. Backward
 # holds two such blocks, forward one plus logsumexp's temporary.
 CPU_BLOCK_ELEMENTS = 1 << 23
-
-_FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
 # ----------------------------------------------------------------------------- CPU path
@@ -218,48 +217,6 @@ class _ContrastiveLossFunction(torch.autograd.Function):
 # ----------------------------------------------------------------------------- module
 
 
-def _check_inputs(
-    image_features: torch.Tensor,
-    text_features: torch.Tensor,
-    logit_scale: torch.Tensor,
-    logit_bias: torch.Tensor | None,
-) -> None:
-    for name, x in (("image_features", image_features), ("text_features", text_features)):
-        if not isinstance(x, torch.Tensor):
-            raise ValueError(f"{name} must be a torch.Tensor of shape (batch, dim), got {type(x).__name__}")
-        if x.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(x.shape)}")
-        if x.dtype not in _FLOAT_DTYPES:
-            raise ValueError(f"{name} must be fp16, bf16, fp32 or fp64, got {x.dtype}")
-        if x.shape[0] < 1 or x.shape[1] < 1:
-            raise ValueError(f"{name} must have batch >= 1 and dim >= 1, got shape {tuple(x.shape)}")
-    if image_features.shape != text_features.shape:
-        raise ValueError(
-            f"image_features and text_features must have the same shape (batch, dim), got "
-            f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
-        )
-    if image_features.device != text_features.device:
-        raise ValueError(
-            f"image_features and text_features must be on one device, got {image_features.device} "
-            f"and {text_features.device}"
-        )
-    if image_features.dtype != text_features.dtype:
-        raise ValueError(
-            f"image_features and text_features must have one dtype, got {image_features.dtype} "
-            f"and {text_features.dtype}"
-        )
-    for name, x in (("logit_scale", logit_scale), ("logit_bias", logit_bias)):
-        if x is None:
-            continue
-        if not isinstance(x, torch.Tensor) or x.numel() != 1:
-            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
-            raise ValueError(f"{name} must be a scalar tensor (one element), got {shape}")
-        if x.device != image_features.device:
-            raise ValueError(f"{name} must be on the features' device {image_features.device}, got {x.device}")
-        if not x.is_floating_point():
-            raise ValueError(f"{name} must be a floating-point tensor, got {x.dtype}")
-
-
 Scalar = Union[torch.Tensor, float]
 
 
@@ -306,12 +263,9 @@ class ContrastiveLoss(nn.Module):
         logit_bias: Scalar | None = None,
         output_dict: bool = False,
     ) -> torch.Tensor | dict[str, torch.Tensor]:
-        device = image_features.device if isinstance(image_features, torch.Tensor) else None
-        if isinstance(logit_scale, (int, float)):
-            logit_scale = torch.tensor(float(logit_scale), device=device)
-        if isinstance(logit_bias, (int, float)):
-            logit_bias = torch.tensor(float(logit_bias), device=device)
-        _check_inputs(image_features, text_features, logit_scale, logit_bias)
+        check_feature_pair(image_features, text_features)
+        logit_scale = as_scalar(logit_scale, "logit_scale", image_features)
+        logit_bias = as_scalar(logit_bias, "logit_bias", image_features)
         if self.world_size > 1:
             if self.use_horovod:
                 raise NotImplementedError("ContrastiveLoss(use_horovod=True): only torch.distributed is supported")

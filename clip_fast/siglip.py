@@ -29,7 +29,6 @@ b x B logits.
 from __future__ import annotations
 
 import dataclasses
-import numbers
 from typing import Optional, Union
 
 import torch
@@ -37,6 +36,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clip_fast._backend import use_triton
+from clip_fast._checks import as_scalar, check_feature_pair
 
 # CPU path tiles of S: up to _CPU_TILE_ROWS rows x (_CPU_TILE_ELEMENTS / rows) columns
 # (~4 MiB per fp32 temporary, a few alive at a time): memory O(tile), not O(B^2).
@@ -51,50 +51,6 @@ _DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
 # ----------------------------------------------------------------------------------
 # input checks
-
-
-def _check_features(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
-    for name, t in (("image_features", image_features), ("text_features", text_features)):
-        if not isinstance(t, torch.Tensor):
-            raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(t.shape)}")
-        if t.dtype not in (torch.float16, torch.bfloat16, torch.float32, torch.float64):
-            raise ValueError(f"{name} must be float16/bfloat16/float32/float64, got {t.dtype}")
-    if image_features.shape != text_features.shape:
-        raise ValueError(
-            "image_features and text_features must have the same shape (B, D), got "
-            f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
-        )
-    if image_features.device != text_features.device:
-        raise ValueError(
-            f"image_features and text_features must be on the same device, got "
-            f"{image_features.device} and {text_features.device}"
-        )
-    if image_features.dtype != text_features.dtype:
-        raise ValueError(
-            f"image_features and text_features must have the same dtype, got "
-            f"{image_features.dtype} and {text_features.dtype}"
-        )
-    if image_features.shape[0] == 0:
-        raise ValueError("image_features must hold at least one sample (batch size 0 given)")
-
-
-def _as_scalar(value: Union[torch.Tensor, float, None], name: str, like: torch.Tensor) -> Optional[torch.Tensor]:
-    """logit_scale / logit_bias as a 0-dim tensor on `like`'s device (None stays None)."""
-    if value is None:
-        return None
-    if isinstance(value, numbers.Real) and not isinstance(value, bool):
-        return torch.tensor(float(value), device=like.device, dtype=torch.float32)
-    if not isinstance(value, torch.Tensor):
-        raise TypeError(f"{name} must be a tensor or a number, got {type(value).__name__}")
-    if value.numel() != 1:
-        raise ValueError(f"{name} must be a scalar (one element), got shape {tuple(value.shape)}")
-    if not value.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}")
-    if value.device != like.device:
-        raise ValueError(f"{name} must be on the features' device {like.device}, got {value.device}")
-    return value.reshape(())
 
 
 # ----------------------------------------------------------------------------------
@@ -401,9 +357,9 @@ class SigLipLoss(nn.Module):
         output_dict: bool = False,
     ):
         """Mean-per-sample sigmoid loss; `{"contrastive_loss": loss}` if output_dict."""
-        _check_features(image_features, text_features)
-        scale = _as_scalar(logit_scale, "logit_scale", image_features)
-        bias = _as_scalar(logit_bias, "logit_bias", image_features)
+        check_feature_pair(image_features, text_features)
+        scale = as_scalar(logit_scale, "logit_scale", image_features)
+        bias = as_scalar(logit_bias, "logit_bias", image_features)
         if self.world_size > 1:
             from clip_fast.distributed_loss import check_group
 

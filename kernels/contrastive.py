@@ -33,22 +33,12 @@ import triton
 import triton.language as tl
 
 from clip_fast.aot import KernelConfig
+from clip_fast.kernels.common import dot
 
 LOG2E = 1.4426950408889634
 LN2 = 0.6931471805599453
 
 _TL_DTYPE = {torch.float32: "fp32", torch.bfloat16: "bf16", torch.float16: "fp16"}
-
-
-@triton.jit
-def _dot(x, y, acc, INPUT_PRECISION: tl.constexpr, WIDEN: tl.constexpr):
-    # Triton 3.8's interpreter multiplies bf16 operands as raw integers. Under the
-    # interpreter (only) bf16 operands are widened to fp32 first: bf16 products are
-    # exact in fp32, so this is the tensor cores' math (fp32 accumulation) and the
-    # tests still see every bf16 rounding the GPU path makes (of A, B and P).
-    if WIDEN:
-        return tl.dot(x.to(tl.float32), y.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(x, y, acc, input_precision=INPUT_PRECISION)
 
 
 @triton.jit
@@ -72,7 +62,7 @@ def _dot_tile(
             b_ptr + cols[:, None] * stride_bn + (k + offs_k)[None, :],
             mask=(cols[:, None] < N) & k_mask[None, :], other=0.0,
         )
-        dots = _dot(a, tl.trans(b), dots, INPUT_PRECISION, WIDEN)
+        dots = dot(a, tl.trans(b), dots, INPUT_PRECISION, WIDEN)
     return dots
 
 
@@ -89,7 +79,7 @@ def _lse_forward_kernel(
     HAS_BIAS: tl.constexpr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
-    WIDEN: tl.constexpr,  # interpreter only: widen bf16 dot operands (see _dot)
+    WIDEN: tl.constexpr,  # interpreter only: widen bf16 dot operands (see common.dot)
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
@@ -154,7 +144,7 @@ def _grad_backward_kernel(
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,  # feature chunk of the two gradient products
     INPUT_PRECISION: tl.constexpr,
-    WIDEN: tl.constexpr,  # interpreter only: widen bf16 dot operands (see _dot)
+    WIDEN: tl.constexpr,  # interpreter only: widen bf16 dot operands (see common.dot)
 ):
     pid = tl.program_id(0)
     scale_log2e = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
@@ -196,14 +186,14 @@ def _grad_backward_kernel(
             ga_mask = row_valid[:, None] & d_valid[None, :]
             # Only this program touches these rows of grad_a: no atomics needed.
             ga = tl.load(ga_ptrs, mask=ga_mask, other=0.0)
-            ga = _dot(p_lo, b_chunk, ga, INPUT_PRECISION, WIDEN)
+            ga = dot(p_lo, b_chunk, ga, INPUT_PRECISION, WIDEN)
             tl.store(ga_ptrs, ga, mask=ga_mask)
             if COMPUTE_GRAD_B:
                 a_chunk = tl.load(
                     a_ptr + rows[:, None] * stride_am + d[None, :],
                     mask=row_valid[:, None] & d_valid[None, :], other=0.0,
                 )
-                gb = _dot(tl.trans(p_lo), a_chunk, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), INPUT_PRECISION, WIDEN)
+                gb = dot(tl.trans(p_lo), a_chunk, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), INPUT_PRECISION, WIDEN)
                 tl.atomic_add(
                     grad_b_ptr + cols[:, None] * D + d[None, :], gb,
                     mask=col_valid[:, None] & d_valid[None, :], sem="relaxed",

@@ -48,6 +48,8 @@ import torch
 import triton
 import triton.language as tl
 
+from clip_fast.kernels.common import dot
+
 
 @triton.jit
 def _log1p(e):
@@ -57,18 +59,6 @@ def _log1p(e):
     # confident negatives is ~1e-9 per pair, and B^2 of them add up.
     u = 1.0 + e
     return tl.where(u == 1.0, e, tl.log(u) * (e / (u - 1.0)))
-
-
-@triton.jit
-def _dot(a, b, acc, INPUT_PRECISION: tl.constexpr, UPCAST: tl.constexpr):
-    # UPCAST works around Triton 3.8's interpreter, which multiplies the raw uint16
-    # bit patterns of bf16 operands (np.matmul on its bf16 storage). bf16 -> fp32 is
-    # exact and so is a bf16 x bf16 product in fp32, so the fp32 dot is a faithful
-    # emulation of the tensor-core bf16 MMA with fp32 accumulation. GPU builds and the
-    # compile check always use UPCAST=False.
-    if UPCAST:
-        return tl.dot(a.to(tl.float32), b.to(tl.float32), acc, input_precision="ieee")
-    return tl.dot(a, b, acc, input_precision=INPUT_PRECISION)
 
 
 @triton.jit
@@ -84,7 +74,7 @@ def siglip_fused_kernel(
     inv_n,  # 1 / B_local
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,  # "ieee" / "tf32x3" for fp32 operands, ignored for 16-bit
-    UPCAST_DOT: tl.constexpr,  # interpreter only, see _dot
+    UPCAST_DOT: tl.constexpr,  # interpreter only, see common.dot
 ):
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -128,7 +118,7 @@ def siglip_fused_kernel(
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
             b = tl.load(tl.multiple_of(T_blk + c[:, None] * stride_t + (k0 + ks)[None, :], [16, 16]),
                         mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # (BN, BK)
-            dots = _dot(a, tl.trans(b), dots, INPUT_PRECISION, UPCAST_DOT)
+            dots = dot(a, tl.trans(b), dots, INPUT_PRECISION, UPCAST_DOT)
 
         # loss and dloss/dS in fp32, numerically stable for any |S|
         S = scale * dots + bias
@@ -152,10 +142,10 @@ def siglip_fused_kernel(
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
             b = tl.load(tl.multiple_of(T_blk + c[:, None] * stride_t + (k0 + ks)[None, :], [16, 16]),
                         mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # (BN, BK)
-            d_a = _dot(gs, b, None, INPUT_PRECISION, UPCAST_DOT)  # (BM, BK)
+            d_a = dot(gs, b, None, INPUT_PRECISION, UPCAST_DOT)  # (BM, BK)
             tl.atomic_add(tl.multiple_of(dI_blk + r[:, None] * stride_di + (k0 + ks)[None, :], [16, 16]), d_a,
                           mask=row_ok[:, None] & k_ok[None, :], sem="relaxed")
-            d_b = _dot(tl.trans(gs), a, None, INPUT_PRECISION, UPCAST_DOT)  # (BN, BK)
+            d_b = dot(tl.trans(gs), a, None, INPUT_PRECISION, UPCAST_DOT)  # (BN, BK)
             tl.atomic_add(tl.multiple_of(dT_blk + c[:, None] * stride_dt + (k0 + ks)[None, :], [16, 16]), d_b,
                           mask=col_ok[:, None] & k_ok[None, :], sem="relaxed")
 
