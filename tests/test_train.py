@@ -168,6 +168,8 @@ def _ddp_worker(rank: int, world: int, port: int, argv: list[str]) -> None:
 def _spawn(argv: list[str]) -> None:
     import torch.multiprocessing as mp
 
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as clip_fast.train sets it (children read it at start)
+
     mp.start_processes(_ddp_worker, args=(2, _free_port(), argv), nprocs=2, join=True, start_method="spawn")
 
 
@@ -210,7 +212,9 @@ def test_ddp_two_processes_match_one_process_on_the_union_batch(demo, ddp_run):
     for step in range(2):
         batches = [next(it) for it in ranks]
         loss = ContrastiveLoss()(*model(torch.cat([b[0] for b in batches]), torch.cat([b[1] for b in batches])))
-        assert logged[step] == pytest.approx(loss.item(), rel=1e-5)
+        # Step 1: same weights, so only summation order differs. Step 2 follows an Adam step
+        # that amplifies rounding noise in zero-gradient directions (see _assert_same_steps).
+        assert logged[step] == pytest.approx(loss.item(), rel=1e-5 if step == 0 else 1e-3)
         for g in opt.param_groups:
             g["lr"] = T.cosine_lr(step, DDP_LR, 0, 12)
         opt.zero_grad()
