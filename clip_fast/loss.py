@@ -23,9 +23,9 @@ from torch import nn
 from clip_fast._backend import use_triton
 from clip_fast._checks import as_scalar, check_feature_pair
 
-# Elements of one (chunk x N) block of S on the CPU path: 2^23 fp32 = 32 MiB. Backward
+# Elements of one (chunk x N) block of S on the CPU path: 2^24 fp32 = 64 MiB. Backward
 # holds two such blocks, forward one plus logsumexp's temporary.
-CPU_BLOCK_ELEMENTS = 1 << 23
+CPU_BLOCK_ELEMENTS = 1 << 24
 
 
 # ----------------------------------------------------------------------------- CPU path
@@ -45,13 +45,6 @@ def _row_chunk(n_cols: int) -> int:
 _SHARED_SHIFT_RANGE = 64.0
 
 
-def _logits_block(image_rows, text_t, scale: float, bias: float) -> torch.Tensor:
-    out = torch.empty(image_rows.shape[0], text_t.shape[1], dtype=image_rows.dtype, device=image_rows.device)
-    if bias == 0.0:
-        return torch.mm(image_rows, text_t, out=out).mul_(scale) if scale != 1.0 else torch.mm(image_rows, text_t, out=out)
-    return torch.addmm(out.fill_(bias), image_rows, text_t, beta=1.0, alpha=scale, out=out)
-
-
 def _block_lse(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column logsumexp of one block, destroying it."""
     row_max, col_max = logits.amax(dim=1), logits.amax(dim=0)
@@ -63,22 +56,42 @@ def _block_lse(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.logsumexp(logits, dim=1), torch.logsumexp(logits, dim=0)
 
 
+def _block_grad(logits: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor) -> torch.Tensor:
+    """exp(S - row_lse[:, None]) + exp(S - col_lse[None, :]) of one block, destroying S.
+
+    Both lse bound the block's logits from above. When they span less than
+    _SHARED_SHIFT_RANGE, every entry that matters (>= 2^-24 of its softmax) has
+    exp(S - top) in fp32's normal range, and the two softmaxes are one exponential
+    times (u_i + v_j) with u = exp(top - row_lse), v = exp(top - col_lse)."""
+    top = row_lse.max()
+    if top - row_lse.min() < _SHARED_SHIFT_RANGE and top - col_lse.min() < _SHARED_SHIFT_RANGE:
+        weight = torch.add((top - row_lse).exp_()[:, None], (top - col_lse).exp_()[None, :])
+        return weight.mul_(logits.sub_(top).exp_())
+    grad = torch.sub(logits, row_lse[:, None]).exp_()
+    return grad.add_(logits.sub_(col_lse).exp_())
+
+
 def _torch_lse_stats(
     image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: torch.Tensor | None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     cd = _compute_dtype(image.dtype)
     image, text = image.to(cd), text.to(cd)
-    s, b = scale.item(), 0.0 if bias is None else bias.item()  # CPU: no device sync to avoid
+    # The scale multiplies the (M, D) operand, not each (chunk, N) block; the bias
+    # shifts every logit equally, so it is added to the statistics instead.
+    scaled_image = image * scale.to(cd)
     M, N = image.shape[0], text.shape[0]
     row_lse = torch.empty(M, dtype=cd, device=image.device)
     col_lse = torch.full((N,), float("-inf"), dtype=cd, device=image.device)
     text_t = text.t()
     chunk = _row_chunk(N)
     for start in range(0, M, chunk):
-        logits = _logits_block(image[start : start + chunk], text_t, s, b)  # (chunk, N)
+        logits = torch.mm(scaled_image[start : start + chunk], text_t)  # (chunk, N) S - bias
         row_block, col_block = _block_lse(logits)
         row_lse[start : start + chunk] = row_block
         col_lse = torch.logaddexp(col_lse, col_block)
+    if bias is not None:
+        row_lse += bias.to(cd)
+        col_lse += bias.to(cd)
     return row_lse, col_lse
 
 
@@ -93,8 +106,11 @@ def _torch_logit_grads(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     cd = _compute_dtype(image.dtype)
     image, text = image.to(cd), text.to(cd)
-    s, b = scale.item(), 0.0 if bias is None else bias.item()
+    scaled_image = image * scale.to(cd)
+    # exp(S - lse) = exp((S - bias) - (lse - bias)): blocks are computed without the bias.
     row_lse, col_lse = row_lse.to(cd), col_lse.to(cd)
+    if bias is not None:
+        row_lse, col_lse = row_lse - bias.to(cd), col_lse - bias.to(cd)
     M, N = image.shape[0], text.shape[0]
     g_text = torch.empty(M, text.shape[1], dtype=cd, device=image.device)
     g_image = torch.zeros(N, image.shape[1], dtype=cd, device=image.device)
@@ -102,10 +118,7 @@ def _torch_logit_grads(
     chunk = _row_chunk(N)
     for start in range(0, M, chunk):
         rows = slice(start, start + chunk)
-        logits = _logits_block(image[rows], text_t, s, b)  # (chunk, N)
-        g = torch.sub(logits, row_lse[rows, None]).exp_()
-        g.add_(logits.sub_(col_lse).exp_())  # row softmax + column softmax
-        del logits
+        g = _block_grad(torch.mm(scaled_image[rows], text_t), row_lse[rows], col_lse)  # (chunk, N)
         g.diagonal(start + diag_offset).sub_(2.0)  # labels (empty view when off this chunk)
         torch.mm(g, text, out=g_text[rows])
         g_image.addmm_(g.t(), image[rows])

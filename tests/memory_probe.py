@@ -1,9 +1,11 @@
 """Peak extra memory of one forward+backward of a contrastive loss, in a fresh process.
 
-    python tests/memory_probe.py {ours,open_clip} B D
+    python tests/memory_probe.py {ours,open_clip} B D [BLOCK_ELEMENTS]
 
 Prints a JSON line: peak_extra_bytes (peak RSS during the call minus RSS before it,
 with the kernel's high-water mark reset through /proc/self/clear_refs) and the loss.
+BLOCK_ELEMENTS overrides the CPU path's block of S (default 2^24 elements), so a small
+batch can show the difference between O(block) and O(B^2) growth.
 """
 import json
 import sys
@@ -30,7 +32,11 @@ def peak_rss_bytes() -> int:
 def main() -> None:
     impl, B, D = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     if impl == "ours":
+        import clip_fast.loss
         from clip_fast import ContrastiveLoss
+
+        if len(sys.argv) > 4:
+            clip_fast.loss.CPU_BLOCK_ELEMENTS = int(sys.argv[4])
 
         loss_fn = ContrastiveLoss()
     else:
