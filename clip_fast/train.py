@@ -399,63 +399,23 @@ def unwrap(model: nn.Module) -> nn.Module:
     return getattr(model, "module", model)  # DDP
 
 
-class _GatheredContrastiveLoss(nn.Module):
-    """Distributed CLIP loss used until clip_fast.ContrastiveLoss supports world_size > 1:
-    features are all-gathered WITH gradients and every rank computes the global loss
-    blockwise. After DDP's gradient averaging this is open_clip's gradient for every flag
-    combination with gather_with_grad=True."""
-
-    def __init__(self, world_size: int) -> None:
-        super().__init__()
-        from clip_fast import ContrastiveLoss
-
-        self.world_size = world_size
-        self.inner = ContrastiveLoss()
-
-    def forward(self, image_features, text_features, logit_scale, logit_bias=None, output_dict=False):
-        import warnings
-
-        from torch.distributed.nn.functional import all_gather  # autograd-aware; gloo and NCCL
-
-        with warnings.catch_warnings():  # deprecated in favour of an API whose backward gloo lacks
-            warnings.simplefilter("ignore", FutureWarning)
-            all_image = torch.cat(all_gather(image_features), dim=0)  # (W * b, D)
-            all_text = torch.cat(all_gather(text_features), dim=0)
-        return self.inner(all_image, all_text, logit_scale, logit_bias, output_dict=output_dict)
-
-
 class LossAdapter(nn.Module):
-    """The configured loss, called with the model's outputs. For --loss clip with several
-    ranks, clip_fast.ContrastiveLoss's sharded version is used; if this build does not
-    have it yet (NotImplementedError, raised before any collective), the gathered loss
-    above takes over once, with a warning."""
+    """The configured loss, called with the model's outputs. With several ranks,
+    ContrastiveLoss and SigLipLoss run their sharded versions (each rank computes only
+    its own block of the logits)."""
 
     def __init__(self, args: argparse.Namespace, env: DistEnv) -> None:
         super().__init__()
         from clip_fast import ContrastiveLoss, SigLipLoss
 
-        self.world_size = env.world_size
         if args.loss == "siglip":
             self.loss = SigLipLoss(rank=env.rank, world_size=env.world_size)
         else:
             self.loss = ContrastiveLoss(local_loss=args.local_loss, gather_with_grad=args.gather_with_grad,
                                         cache_labels=True, rank=env.rank, world_size=env.world_size)
-        self.siglip = args.loss == "siglip"
 
     def forward(self, image_features, text_features, logit_scale, logit_bias=None) -> torch.Tensor:
-        if self.siglip:
-            return self.loss(image_features, text_features, logit_scale, logit_bias)
-        try:
-            return self.loss(image_features, text_features, logit_scale, logit_bias)
-        except NotImplementedError:
-            if self.world_size == 1 or isinstance(self.loss, _GatheredContrastiveLoss):
-                raise
-            from clip_fast._backend import warn_once
-
-            warn_once("ContrastiveLoss has no sharded multi-rank version in this build: "
-                      "using all-gather with gradients + the blockwise loss on every rank")
-            self.loss = _GatheredContrastiveLoss(self.world_size)
-            return self.loss(image_features, text_features, logit_scale, logit_bias)
+        return self.loss(image_features, text_features, logit_scale, logit_bias)
 
 
 class _LocalShardAdamW:
