@@ -92,7 +92,7 @@ def test_text_tower(benchmark, measure, captions, impl, batch):
     theirs, ours = _pair("ViT-B-32-quickgelu")
     tokens, lengths = _caption_tokens(batch)
     if captions == "one_77_token":  # one caption filling the context: the batch max is 77
-        tokens[0, 1:76] = tokens[0, 1:76].clamp(min=1)
+        tokens[0, 1:76] = torch.randint(1, 49406, (75,), generator=torch.Generator().manual_seed(1))
         tokens[0, 76] = 49407
         lengths[0] = 77
     tokens = tokens.to(DEVICE)
