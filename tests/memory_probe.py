@@ -13,20 +13,13 @@ import sys
 import torch
 
 
-def rss_bytes() -> int:
+def status_bytes(field: str) -> int:
+    """A memory field of /proc/self/status (VmRSS: current RSS, VmHWM: its peak)."""
     with open("/proc/self/status") as f:
         for line in f:
-            if line.startswith("VmRSS:"):
+            if line.startswith(field + ":"):
                 return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmRSS")
-
-
-def peak_rss_bytes() -> int:
-    with open("/proc/self/status") as f:
-        for line in f:
-            if line.startswith("VmHWM:"):
-                return int(line.split()[1]) * 1024
-    raise RuntimeError("no VmHWM")
+    raise RuntimeError(f"no {field} in /proc/self/status")
 
 
 def main() -> None:
@@ -55,10 +48,10 @@ def main() -> None:
     text.grad = torch.zeros_like(text)
     with open("/proc/self/clear_refs", "w") as f:
         f.write("5")  # reset VmHWM to the current RSS
-    before = rss_bytes()
+    before = status_bytes("VmRSS")
     loss = loss_fn(image, text, scale)
     loss.backward()
-    peak = peak_rss_bytes()
+    peak = status_bytes("VmHWM")
     print(json.dumps({"impl": impl, "B": B, "D": D, "peak_extra_bytes": peak - before, "loss": loss.item()}))
 
 
