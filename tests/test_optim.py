@@ -2,7 +2,7 @@
 bit for bit), the optimizer API, NaN/inf handling, fp16 moments, state_dict round trips.
 
 Training-quality checks (bf16+SR tracks fp32 AdamW) are in tests/test_optim_training.py,
-the Triton kernel under the interpreter in tests/triton_interp/test_adamw.py.
+the Triton kernel under the interpreter in tests/triton_interp/test_interp_adamw.py.
 """
 import math
 

@@ -2,6 +2,8 @@
 
 TRITON_INTERPRET=1 must be set before triton is imported, so these files are collected
 only in a process started with it; tests/test_triton_interpreter.py starts one per file.
+Files are named test_interp_*.py: spawned worker processes import test modules by bare
+name, so no file here may share a basename with one in tests/.
 Reproduce by hand with:
     TRITON_INTERPRET=1 CLIP_FAST_BACKEND=triton pytest tests/triton_interp
 """
