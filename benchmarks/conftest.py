@@ -34,6 +34,23 @@ def sizes_for(device: str, cpu: list[Any], gpu: list[Any]) -> list[Any]:
     return gpu if device == "cuda" else cpu
 
 
+def materialised_fits(B: int, device: str) -> bool:
+    """Whether a baseline that materialises ~6 B x B fp32 buffers (logits, softmax,
+    their gradients) fits on `device`."""
+    need = 6 * B * B * 4
+    if device == "cuda":
+        return need < torch.cuda.get_device_properties(0).total_memory
+    return need < 12 * 2**30
+
+
+def unit_features(B: int, D: int, device: str, dtype: torch.dtype) -> tuple[torch.Tensor, torch.Tensor]:
+    """Seeded L2-normalised (B, D) image and text features that require grad."""
+    g = torch.Generator(device=device).manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(B, D, device=device, generator=g), dim=-1).to(dtype)
+    text = torch.nn.functional.normalize(torch.randn(B, D, device=device, generator=g), dim=-1).to(dtype)
+    return image.requires_grad_(), text.requires_grad_()
+
+
 def bench_device() -> str:
     """The device a suite parametrises for at collection time."""
     return "cuda" if HAS_CUDA else "cpu"

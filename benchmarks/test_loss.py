@@ -12,7 +12,7 @@ from open_clip.loss import ClipLoss
 
 from clip_fast import ContrastiveLoss
 from clip_fast.loss import reference_clip_loss
-from conftest import bench_device, sizes_for
+from conftest import bench_device, materialised_fits, sizes_for, unit_features
 
 DEVICE = bench_device()
 BATCHES = sizes_for(DEVICE, cpu=[1024, 4096, 16384], gpu=[4096, 32768, 131072, 262144])
@@ -27,29 +27,15 @@ IMPLEMENTATIONS = {
 }
 
 
-def _fits(impl: str, B: int) -> bool:
-    """Materialised baselines need several B x B fp32 buffers."""
-    if impl.startswith("clip_fast"):
-        return True
-    need = 6 * B * B * 4
-    if DEVICE == "cuda":
-        return need < torch.cuda.get_device_properties(0).total_memory
-    return need < 12 * 2**30
-
-
 @pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
 @pytest.mark.parametrize("D", DIMS)
 @pytest.mark.parametrize("B", BATCHES)
 def test_contrastive_loss_fwd_bwd(measure, device, impl, B, D):
     if impl == "clip_fast_deterministic" and device == "cpu":
         pytest.skip("deterministic mode only changes the GPU kernels")
-    if not _fits(impl, B):
+    if not (impl.startswith("clip_fast") or materialised_fits(B, device)):
         pytest.skip(f"{impl} would need {6 * B * B * 4 / 2**30:.0f} GiB of B x B buffers")
-    g = torch.Generator(device=device).manual_seed(0)
-    image = torch.nn.functional.normalize(torch.randn(B, D, device=device, generator=g), dim=-1).to(DTYPE)
-    text = torch.nn.functional.normalize(torch.randn(B, D, device=device, generator=g), dim=-1).to(DTYPE)
-    image.requires_grad_()
-    text.requires_grad_()
+    image, text = unit_features(B, D, device, DTYPE)
     scale = torch.tensor(14.3, device=device, requires_grad=True)
     loss_fn = IMPLEMENTATIONS[impl]
 

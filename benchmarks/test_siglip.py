@@ -12,7 +12,7 @@ import torch
 from open_clip.loss import SigLipLoss as OpenClipSigLip
 
 from clip_fast import SigLipLoss
-from conftest import bench_device, sizes_for
+from conftest import bench_device, materialised_fits, sizes_for, unit_features
 
 DEVICE = bench_device()
 BATCHES = sizes_for(DEVICE, cpu=[1024, 4096, 16384], gpu=[4096, 32768, 131072])
@@ -21,26 +21,12 @@ DTYPE = torch.float32 if DEVICE == "cpu" else torch.bfloat16
 IMPLEMENTATIONS = {"clip_fast": SigLipLoss, "open_clip": OpenClipSigLip}
 
 
-def _fits(impl: str, B: int) -> bool:
-    """open_clip holds ~6 B x B buffers (logits, labels, eye, products, gradients)."""
-    if impl == "clip_fast":
-        return True
-    need = 6 * B * B * torch.tensor([], dtype=DTYPE).element_size()
-    if DEVICE == "cuda":
-        return need < torch.cuda.get_device_properties(0).total_memory
-    return need < 12 * 2**30
-
-
 @pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
 @pytest.mark.parametrize("B", BATCHES)
 def test_siglip_loss_fwd_bwd(measure, device, impl, B):
-    if not _fits(impl, B):
+    if not (impl.startswith("clip_fast") or materialised_fits(B, device)):
         pytest.skip(f"{impl} would need ~{6 * B * B * 4 / 2**30:.0f} GiB of B x B buffers")
-    g = torch.Generator(device=device).manual_seed(0)
-    image = torch.nn.functional.normalize(torch.randn(B, D, device=device, generator=g), dim=-1).to(DTYPE)
-    text = torch.nn.functional.normalize(torch.randn(B, D, device=device, generator=g), dim=-1).to(DTYPE)
-    image.requires_grad_()
-    text.requires_grad_()
+    image, text = unit_features(B, D, device, DTYPE)
     scale = torch.tensor(10.0, device=device, requires_grad=True)
     bias = torch.tensor(-10.0, device=device, requires_grad=True)
     loss_fn = IMPLEMENTATIONS[impl]()
