@@ -46,6 +46,7 @@ import triton
 import triton.language as tl
 
 from clip_fast.aot import KernelConfig
+from clip_fast.kernels.common import dot
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -95,6 +96,7 @@ def _attention_pool_fwd_kernel(
     stride_un, stride_uh, stride_zn, stride_zh,
     BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,  # interpreter only: widen bf16 dot operands (see common.dot)
 ):
     n = tl.program_id(0)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -111,7 +113,7 @@ def _attention_pool_fwd_kernel(
             u_ptr + n * stride_un + offs_h[:, None] * stride_uh + (c0 + offs_c)[None, :],
             mask=h_mask[:, None] & ((c0 + offs_c) < C)[None, :], other=0.0,
         )
-        s = tl.dot(tok, tl.trans(u), s, input_precision=INPUT_PRECISION)
+        s = dot(tok, tl.trans(u), s, INPUT_PRECISION, WIDEN)
 
     # Softmax over the L tokens of each head (column), base 2, padded rows excluded.
     s = tl.where((offs_l <= HW)[:, None], s * LOG2E, float("-inf"))
@@ -127,7 +129,7 @@ def _attention_pool_fwd_kernel(
     for c0 in range(0, C, BLOCK_C):
         tok = _load_tokens(x_ptr, t0_ptr, pos_ptr, n, c0, HW, C, stride_xn, stride_xl, stride_xc,
                            stride_t0n, stride_posl, BLOCK_L, BLOCK_C)
-        z = tl.dot(tl.trans(p), tok, input_precision=INPUT_PRECISION)
+        z = dot(tl.trans(p), tok, None, INPUT_PRECISION, WIDEN)
         tl.store(
             z_ptr + n * stride_zn + offs_h[:, None] * stride_zh + (c0 + offs_c)[None, :],
             z.to(z_ptr.dtype.element_ty), mask=h_mask[:, None] & ((c0 + offs_c) < C)[None, :],
@@ -145,6 +147,7 @@ def _attention_pool_bwd_scores_kernel(
     stride_un, stride_uh, stride_dzn, stride_dzh,
     BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,  # interpreter only: widen bf16 dot operands (see common.dot)
 ):
     n = tl.program_id(0)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -165,8 +168,8 @@ def _attention_pool_bwd_scores_kernel(
                     mask=hc_mask, other=0.0)
         dz = tl.load(dz_ptr + n * stride_dzn + offs_h[:, None] * stride_dzh + (c0 + offs_c)[None, :],
                      mask=hc_mask, other=0.0)
-        s = tl.dot(tok, tl.trans(u), s, input_precision=INPUT_PRECISION)
-        dp = tl.dot(tok, tl.trans(dz.to(dtype)), dp, input_precision=INPUT_PRECISION)
+        s = dot(tok, tl.trans(u), s, INPUT_PRECISION, WIDEN)
+        dp = dot(tok, tl.trans(dz.to(dtype)), dp, INPUT_PRECISION, WIDEN)
     lse = tl.load(lse_ptr + n * H + offs_h, mask=h_mask, other=0.0)
     p = tl.where(l_mask[:, None], tl.exp2(s * LOG2E - lse[None, :]), 0.0)
     # sum_l P * dP per head equals dz_h . z_h: the softmax Jacobian's diagonal term.
@@ -191,6 +194,7 @@ def _attention_pool_bwd_tokens_kernel(
     stride_un, stride_uh, stride_dzn, stride_dzh,
     BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,  # interpreter only: widen bf16 dot operands (see common.dot)
 ):
     # Grid (N, C / BLOCK_C): each program owns one column block of one image's tokens,
     # loads them once and loops over the heads, so dT is summed over heads in registers
@@ -218,9 +222,9 @@ def _attention_pool_bwd_tokens_kernel(
         dz = tl.load(dz_ptr + n * stride_dzn + offs_h[:, None] * stride_dzh + offs_c[None, :],
                      mask=hc_mask, other=0.0)
         # dT = P @ dZ + dS @ U ; dU = dS^T @ T
-        dtok = tl.dot(p, dz.to(dtype), dtok, input_precision=INPUT_PRECISION)
-        dtok = tl.dot(ds, u, dtok, input_precision=INPUT_PRECISION)
-        du = tl.dot(tl.trans(ds), tok, input_precision=INPUT_PRECISION)
+        dtok = dot(p, dz.to(dtype), dtok, INPUT_PRECISION, WIDEN)
+        dtok = dot(ds, u, dtok, INPUT_PRECISION, WIDEN)
+        du = dot(tl.trans(ds), tok, None, INPUT_PRECISION, WIDEN)
         tl.store(du_ptr + n * H * C + offs_h[:, None] * C + offs_c[None, :], du, mask=hc_mask)
     tl.store(dtok_ptr + n * L * C + offs_l[:, None] * C + offs_c[None, :], dtok,
              mask=l_mask[:, None] & c_mask[None, :])
@@ -274,7 +278,8 @@ def _check(x: torch.Tensor, t0: torch.Tensor, pos: torch.Tensor, u: torch.Tensor
 def _launch(kernel, grid, cfg: dict, *args) -> None:
     kernel[grid](
         *args, BLOCK_L=cfg["BLOCK_L"], BLOCK_H=cfg["BLOCK_H"], BLOCK_C=cfg["BLOCK_C"],
-        INPUT_PRECISION=cfg["INPUT_PRECISION"], num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        INPUT_PRECISION=cfg["INPUT_PRECISION"], WIDEN=args[0].dtype == torch.bfloat16 and not args[0].is_cuda,
+        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
     )
 
 
@@ -355,7 +360,7 @@ def _signature(kernel: str, tl_dtype: str) -> dict[str, str]:
         name, _, fixed = arg.partition(":")
         sig[name] = f"*{fixed}" if fixed else (f"*{tl_dtype}" if name.endswith("_ptr") else "i32")
     return {**sig, "BLOCK_L": "constexpr", "BLOCK_H": "constexpr", "BLOCK_C": "constexpr",
-            "INPUT_PRECISION": "constexpr"}
+            "INPUT_PRECISION": "constexpr", "WIDEN": "constexpr"}
 
 
 def aot_configs() -> list[KernelConfig]:
@@ -373,7 +378,7 @@ def aot_configs() -> list[KernelConfig]:
             configs[name] = KernelConfig(
                 name=name, fn=fn, signature=_signature(kernel, tl_dtype),
                 constexprs=dict(BLOCK_L=cfg["BLOCK_L"], BLOCK_H=cfg["BLOCK_H"], BLOCK_C=cfg["BLOCK_C"],
-                                INPUT_PRECISION=_input_precision(dtype)),
+                                INPUT_PRECISION=_input_precision(dtype), WIDEN=False),
                 num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], uses_tensor_cores=True,
             )
     return list(configs.values())
