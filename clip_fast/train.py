@@ -738,7 +738,13 @@ def train(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     env = init_distributed(args)
     try:
-        return _train(args, env)
+        summary = _train(args, env)
+        if env.distributed:
+            # Leave together: rank 0 does extra work at the end (checkpoint, results), and
+            # a rank tearing down its gloo group while a peer still holds the connection
+            # was seen to abort the peer ("terminate called without an active exception").
+            dist.barrier()
+        return summary
     finally:
         if env.distributed and dist.is_initialized():
             dist.destroy_process_group()
