@@ -162,8 +162,9 @@ def test_torch_train_crops_are_deterministic(clean_shards):
 @pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
 @pytest.mark.parametrize("image_size", [32, 64])
 def test_dali_cpu_matches_pil_eval_transform(clean_shards, image_size):
-    """Eval path (shorter side resize + centre crop, bicubic): decoders and resamplers differ
-    slightly (libjpeg-turbo vs nvImageCodec, DALI's cubic vs PIL's), nothing else."""
+    """Eval path (shorter side resize + centre crop, bicubic): DALI decodes (libjpeg-turbo
+    inside nvImageCodec, like PIL), torch's uint8 kernel resamples with Pillow's filter, so
+    only rounding differs; a one-pixel crop shift or another filter gives several units."""
     def eval_images(backend):
         loader = build_loader(clean_shards, 16, image_size, caption_id_tokenize, train=False, backend=backend, num_workers=1)
         batches = [(x, t[:, 0]) for x, t in loader]
@@ -174,12 +175,12 @@ def test_dali_cpu_matches_pil_eval_transform(clean_shards, image_size):
     assert dali.shape == pil.shape == (53, 3, image_size, image_size)
     # In 8-bit pixel units (normalised values times 255 * std).
     err = (dali - pil).abs() * torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255
-    # Measured: mean 0.15-0.2, i.e. rounding; a one-pixel crop shift or another filter
-    # gives several units.
-    assert err.mean() < 0.5, f"mean abs difference {err.mean():.2f} / 255"
-    assert torch.quantile(err.flatten(), 0.999) < 4, "99.9th percentile difference too large"
+    # Measured: mean 0.004-0.015, 99.9th percentile 1, worst image 0.14 (at 32 px).
+    # DALI's own CPU cubic resampler gave mean 0.15-0.2 here.
+    assert err.mean() < 0.1, f"mean abs difference {err.mean():.3f} / 255"
+    assert torch.quantile(err.flatten(), 0.999) < 1.5, "99.9th percentile difference too large"
     per_image = err.mean((1, 2, 3))
-    assert per_image.max() < 1.0, f"image {per_image.argmax()} differs by {per_image.max():.2f} / 255 on average"
+    assert per_image.max() < 0.5, f"image {per_image.argmax()} differs by {per_image.max():.2f} / 255 on average"
     # Both really normalise with CLIP's statistics: re-derive uint8 pixels and compare with
     # a direct PIL reference of one sample.
     pix = pil * torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255 + torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255
@@ -280,7 +281,7 @@ def test_brace_and_glob_expansion(clean_shards):
 
 
 def test_auto_backend_on_cpu_is_torch(clean_shards):
-    # DALI's CPU resampling is slower than Pillow's here (see benchmarks/test_data.py).
+    # The torch path survives images that fail to decode at run time; DALI stops.
     assert build_loader(clean_shards, 4, 32, caption_id_tokenize).backend == "torch"
 
 
