@@ -187,6 +187,75 @@ def test_dali_cpu_matches_pil_eval_transform(clean_shards, image_size):
     assert (pix - pix.round()).abs().max() < 1e-3 and pix.min() > -0.5 and pix.max() < 255.5
 
 
+RAMP_W, RAMP_H = 240, 200
+
+
+@pytest.fixture(scope="module")
+def ramp_shard(tmp_path_factory):
+    """Lossless (PNG) images whose red channel is the column index and green the row
+    index, so every output pixel tells where in the source it was sampled; blue is noise,
+    on which resampling filters disagree (Pillow's bilinear, Lanczos and Hamming differ from
+    its bicubic by 2.4-4.6 / 255 on average, a one-pixel shift of the window by 7)."""
+    out = tmp_path_factory.mktemp("ramps")
+    rng = np.random.default_rng(4)
+    sources = []
+    with ShardWriter(out, shard_size=100) as w:
+        for i in range(24):
+            a = np.empty((RAMP_H, RAMP_W, 3), np.uint8)
+            a[..., 0] = np.arange(RAMP_W)[None, :]
+            a[..., 1] = np.arange(RAMP_H)[:, None]
+            a[..., 2] = rng.integers(0, 256, size=(RAMP_H, RAMP_W), dtype=np.uint8)
+            buf = io.BytesIO()
+            Image.fromarray(a).save(buf, format="PNG")
+            w.write(buf.getvalue(), f"ramp {i}", image_ext="png")
+            sources.append(Image.fromarray(a))
+    return sorted(str(p) for p in out.glob("*.tar")), sources
+
+
+def _recover_crop(pixels, source, size):
+    """The integer window (left, top, w, h) whose Pillow bicubic resize best explains
+    `pixels` (size, size, 3), and that resize's absolute error."""
+    inner = np.arange(4, size - 4) + 0.5  # away from the edges, a resampled ramp stays linear
+    sx, ix = np.polyfit(inner, pixels[4:-4, 4:-4, 0].mean(0), 1)  # R(j) = left - 0.5 + (j + 0.5) w / S
+    sy, iy = np.polyfit(inner, pixels[4:-4, 4:-4, 1].mean(1), 1)
+    guess = (ix + 0.5, iy + 0.5, sx * size, sy * size)
+    best = None
+    for dl in (-1, 0, 1):  # the fit is good to ~0.2 px: try the neighbouring integers
+        for dt in (-1, 0, 1):
+            for dw in (-1, 0, 1):
+                for dh in (-1, 0, 1):
+                    l, t, w, h = (int(round(g)) + d for g, d in zip(guess, (dl, dt, dw, dh)))
+                    if l < 0 or t < 0 or w < 1 or h < 1 or l + w > RAMP_W or t + h > RAMP_H:
+                        continue
+                    ref = np.asarray(source.crop((l, t, l + w, t + h)).resize((size, size), Image.BICUBIC), dtype=np.float64)
+                    err = np.abs(pixels - ref)
+                    if best is None or err.mean() < best[1].mean():
+                        best = ((l, t, w, h), err)
+    return best
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_train_transform_is_open_clips_random_resized_crop(ramp_shard, backend):
+    """Every training image is Pillow's bicubic resize of an integer crop window with
+    area 0.9-1.0 of the image and aspect ratio 3/4-4/3 (torchvision's RandomResizedCrop
+    as open_clip configures it, no flip), and the windows vary."""
+    paths, sources = ramp_shard
+    size = 64
+    loader = build_loader(paths, 8, size, caption_id_tokenize, train=True, backend=backend, num_workers=1)
+    windows = []
+    for images, tokens in loader:
+        pixels = images * torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255 + torch.tensor(CLIP_MEAN).view(1, 3, 1, 1) * 255
+        for pix, i in zip(pixels.permute(0, 2, 3, 1).double().numpy(), tokens[:, 0].tolist()):
+            (l, t, w, h), err = _recover_crop(pix, sources[i], size)
+            # Measured: torch/PIL exact; DALI + torch's kernel mean 0.0013, max 1 (rounding).
+            assert err.mean() < 0.05 and err.max() <= 1.01, f"sample {i}: not a Pillow bicubic crop (err {err.mean():.3f})"
+            # torchvision rounds w and h to integers: allow ~1 px of slack on area and aspect.
+            assert 0.9 - 0.012 <= w * h / (RAMP_W * RAMP_H) <= 1.0, f"sample {i}: crop area {w * h / (RAMP_W * RAMP_H):.3f}"
+            assert 3 / 4 - 0.01 <= w / h <= 4 / 3 + 0.01, f"sample {i}: crop aspect {w / h:.3f}"
+            windows.append((l, t, w, h))
+    assert len(windows) == 24 and len(set(windows)) > 12, "crops should be random"
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_corrupt_samples_skipped_and_counted(dirty_shard, backend, tmp_path, monkeypatch):
     monkeypatch.setenv("CLIP_FAST_CACHE", str(tmp_path))

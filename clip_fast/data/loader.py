@@ -122,8 +122,9 @@ def pil_transform(img, image_size: int, train: bool, rng: np.random.Generator | 
     s = image_size
     if train:
         left, top, w, h = random_resized_crop_box(img.width, img.height, rng)
-        # One resample of the box: what crop-then-resize computes, without the copy.
-        img = img.resize((s, s), Image.BICUBIC, box=(left, top, left + w, top + h))
+        # Crop, then resize, as torchvision does. (resize(box=...) would save the copy but
+        # its filter reads pixels outside the box near the edges: up to 12/255 different.)
+        img = img.crop((left, top, left + w, top + h)).resize((s, s), Image.BICUBIC)
     else:
         nw, nh, left, top = eval_geometry(img.width, img.height, s)
         if (nw, nh) != img.size:
