@@ -22,6 +22,7 @@ class LossCase:
     impl: str  # "clip_fast" | "open_clip"
     global_batch: int
     dim: int
+    gather_with_grad: bool = True  # contrastive only; local_loss is always True
 
 
 def make_step(case: LossCase, rank: int, world_size: int):
@@ -33,16 +34,17 @@ def make_step(case: LossCase, rank: int, world_size: int):
     scale = torch.tensor(10.0, requires_grad=True)
     bias = torch.tensor(-10.0, requires_grad=True)
     if case.kind == "contrastive":
-        # open_clip's recommended multi-GPU setting: --local-loss --gather-with-grad
+        # open_clip's recommended multi-GPU setting is --local-loss --gather-with-grad
+        gwg = case.gather_with_grad
         if case.impl == "clip_fast":
             from clip_fast.distributed_loss import ShardSpec, sharded_contrastive_loss
 
-            spec = ShardSpec(rank, world_size, local_loss=True, gather_with_grad=True)
+            spec = ShardSpec(rank, world_size, local_loss=True, gather_with_grad=gwg)
             loss_fn = lambda i, t, s, bb: sharded_contrastive_loss(i, t, s, None, spec)  # noqa: E731
         else:
             from open_clip.loss import ClipLoss
 
-            clip = ClipLoss(local_loss=True, gather_with_grad=True, rank=rank, world_size=world_size)
+            clip = ClipLoss(local_loss=True, gather_with_grad=gwg, rank=rank, world_size=world_size)
             loss_fn = lambda i, t, s, bb: clip(i, t, s)  # noqa: E731
     else:
         if case.impl == "clip_fast":

@@ -3,6 +3,7 @@ peak extra memory, clip_fast vs open_clip, with 2 and 4 ranks.
 
 - contrastive: clip_fast's sharded ContrastiveLoss vs open_clip's ClipLoss local loss
   (local_loss=True, gather_with_grad=True), global batch B split over W ranks;
+- contrastive_nograd: the same with gather_with_grad=False (clip_fast's split backward);
 - siglip: clip_fast's ring SigLipLoss vs open_clip's SigLipLoss ('bidir' ring).
 
     pytest benchmarks/test_distributed_loss.py --benchmark-only --benchmark-group-by=param
@@ -29,15 +30,16 @@ def group(request):
 
 
 @pytest.mark.parametrize("impl", ["clip_fast", "open_clip"])
-@pytest.mark.parametrize("kind", ["contrastive", "siglip"])
+@pytest.mark.parametrize("kind", ["contrastive", "contrastive_nograd", "siglip"])
 @pytest.mark.parametrize("B", GLOBAL_BATCHES)
 def test_distributed_loss_per_rank(measure, benchmark, group, kind, impl, B):
     if torch.cuda.is_available():
         pytest.skip("CPU gloo benchmark (a GPU run needs one device per rank)")
-    group.setup(LossCase(kind, impl, B, D))
+    nograd = kind == "contrastive_nograd"
+    group.setup(LossCase("contrastive" if nograd else kind, impl, B, D, gather_with_grad=not nograd))
     b = B // group.world_size
     # per rank: contrastive 4 passes (clip_fast) over b x B; siglip 3 passes
-    flops = (8 if kind == "contrastive" else 6) * b * B * D
+    flops = (6 if kind == "siglip" else 8) * b * B * D
     measure(group.step, flops=flops, rounds=3, world_size=group.world_size, B=B, b=b, D=D)
     # measure() sampled this (coordinating) process; the per-rank figure is rank 0's
     benchmark.extra_info["peak_extra_memory_mib"] = round(group.peak_memory() / 2**20, 1)

@@ -33,8 +33,8 @@ open_clip's four flag combinations compute different things; each is reproduced:
       DDP model, and that average, g * dL/ds, is what every rank returns here.
     gather_with_grad=False: nothing flows through the gathered features, so the image
       gradient keeps only the row-softmax part and the text gradient only the
-      column-softmax part: two backward passes (row-only with col_lse = +inf, and
-      column-only with row_lse = +inf); dscale is exact per rank.
+      column-softmax part: logit_grads' split mode contracts each softmax with its own
+      side in the same single backward pass; dscale is exact per rank.
 
 Equal local batch sizes are required (open_clip assumes them too); the sizes are
 all-gathered first so unequal ones raise the same ValueError on every rank instead of
@@ -95,14 +95,24 @@ def _all_gather(x: torch.Tensor, spec: ShardSpec) -> torch.Tensor:
     return out
 
 
+# Below this many gathered floats, the column statistics are merged from one all-gather
+# of every rank's partials (one collective, W*B floats) instead of a max and a sum
+# all-reduce (two collectives, 2*B floats): collectives of a few MB cost their latency.
+GATHER_MERGE_LIMIT = 1 << 20
+
+
 def _merge_column_lse(col_part: torch.Tensor, extra: torch.Tensor, spec: ShardSpec):
-    """logsumexp over ranks of per-rank column LSEs (B,), plus a sum of `extra`."""
+    """logsumexp over ranks of per-rank column LSEs (B,), plus a sum of `extra`; the
+    same numbers on every rank."""
+    B = col_part.shape[0]
+    if spec.world_size * (B + extra.numel()) <= GATHER_MERGE_LIMIT:
+        gathered = _all_gather(torch.cat([col_part, extra])[None], spec)  # (W, B + k)
+        return torch.logsumexp(gathered[:, :B], dim=0), gathered[:, B:].sum(dim=0)
     col_max = col_part.clone()
     dist.all_reduce(col_max, op=dist.ReduceOp.MAX, group=spec.group)
     # a column whose max is -inf/NaN stays NaN/-inf below; finite inputs never give one
     summed = torch.cat([torch.exp(col_part - col_max), extra])
     dist.all_reduce(summed, group=spec.group)
-    B = col_part.shape[0]
     return col_max + torch.log(summed[:B]), summed[B:]
 
 
@@ -201,28 +211,23 @@ def _reduce_scatter(contrib: torch.Tensor, spec: ShardSpec) -> torch.Tensor:
 def _local_no_grad_backward(image, text, scale, bias, text_all, row_lse, col_lse, spec, g):
     """local_loss=True, gather_with_grad=False: the image gradient sees only the row
     softmax, the text gradient only the column softmax (gathered features carry no
-    gradient in open_clip). logit_grads subtracts 2E with its single G, so each half is
-    computed with the other LSE at +inf (its softmax vanishes) and E added back."""
+    gradient in open_clip). One split pass over S_r gives both: (P_row - E) @ T and
+    (P_col - E).T @ I_r, the latter summed at the column owners."""
     b = image.shape[0]
     r0 = spec.rank * b
     cd = row_lse.dtype
     s = scale.to(cd).reshape(())
-    inf_cols = torch.full_like(col_lse, float("inf"))
-    inf_rows = torch.full_like(row_lse, float("inf"))
-    # rows: (P_row - 2E) @ T ; + E @ T = T_r gives (P_row - E) @ T
-    g_text_row, _, dot_row = logit_grads(image, text_all, scale, bias, row_lse, inf_cols, r0, spec.deterministic)
-    # columns: (P_col - 2E).T @ I_r from every rank, summed at the owner; + I_r
-    _, g_image_col, _ = logit_grads(image, text_all, scale, bias, inf_rows, col_lse, r0, spec.deterministic)
-    # per-column sum_k G_kj (I_k . T_j) = T_j . (G.T @ I)_j rides along as column D
+    g_text_row, g_image_col, dot_row = logit_grads(
+        image, text_all, scale, bias, row_lse, col_lse, r0, spec.deterministic, split=True
+    )
+    # per column j: sum_k G_col[k, j] (I_k . T_j) = T_j . (G_col.T @ I)_j rides along as column D
     col_dot = torch.einsum("nd,nd->n", g_image_col.to(cd), text_all.to(cd))
     summed = _reduce_scatter(torch.cat([g_image_col.to(cd), col_dot[:, None]], dim=1), spec)  # (b, D+1)
-    image_c, text_c = image.to(cd), text.to(cd)
-    dots_diag = torch.einsum("bd,bd->", image_c, text_c)  # sum_i I_i . T_i over my b pairs
     coef = g / (2 * b)
-    d_image = (g_text_row.to(cd) + text_c) * (coef * s)
-    d_text = (summed[:, :-1] + image_c) * (coef * s)
-    # dL_r/ds = [sum over my rows of (P_row - E).dots + over my columns of (P_col - E).dots] / 2b
-    d_scale = coef * ((dot_row.to(cd) + dots_diag) + (summed[:, -1].sum() + dots_diag))
+    d_image = g_text_row.to(cd) * (coef * s)
+    d_text = summed[:, :-1] * (coef * s)
+    # dL_r/ds = [sum over my rows of G_row . dots + over my columns of G_col . dots] / 2b
+    d_scale = coef * (dot_row.to(cd) + summed[:, -1].sum())
     return d_image, d_text, d_scale
 
 

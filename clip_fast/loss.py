@@ -95,6 +95,20 @@ def _torch_lse_stats(
     return row_lse, col_lse
 
 
+def _block_softmaxes(
+    logits: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp(S - row_lse[:, None]) and exp(S - col_lse[None, :]) of one block, the
+    first in S's storage; one exponential when the shared shift applies (as above)."""
+    top = row_lse.max()
+    if top - row_lse.min() < _SHARED_SHIFT_RANGE and top - col_lse.min() < _SHARED_SHIFT_RANGE:
+        shifted = logits.sub_(top).exp_()
+        col_soft = shifted * (top - col_lse).exp_()[None, :]
+        return shifted.mul_((top - row_lse).exp_()[:, None]), col_soft
+    col_soft = torch.sub(logits, col_lse[None, :]).exp_()
+    return logits.sub_(row_lse[:, None]).exp_(), col_soft
+
+
 def _torch_logit_grads(
     image: torch.Tensor,
     text: torch.Tensor,
@@ -103,6 +117,7 @@ def _torch_logit_grads(
     row_lse: torch.Tensor,
     col_lse: torch.Tensor,
     diag_offset: int,
+    split: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     cd = _compute_dtype(image.dtype)
     image, text = image.to(cd), text.to(cd)
@@ -118,10 +133,16 @@ def _torch_logit_grads(
     chunk = _row_chunk(N)
     for start in range(0, M, chunk):
         rows = slice(start, start + chunk)
-        g = _block_grad(torch.mm(scaled_image[rows], text_t), row_lse[rows], col_lse)  # (chunk, N)
-        g.diagonal(start + diag_offset).sub_(2.0)  # labels (empty view when off this chunk)
-        torch.mm(g, text, out=g_text[rows])
-        g_image.addmm_(g.t(), image[rows])
+        logits = torch.mm(scaled_image[rows], text_t)  # (chunk, N)
+        if split:
+            g_row, g_col = _block_softmaxes(logits, row_lse[rows], col_lse)
+            g_row.diagonal(start + diag_offset).sub_(1.0)
+            g_col.diagonal(start + diag_offset).sub_(1.0)
+        else:
+            g_row = g_col = _block_grad(logits, row_lse[rows], col_lse)
+            g_row.diagonal(start + diag_offset).sub_(2.0)  # labels (empty view when off this chunk)
+        torch.mm(g_row, text, out=g_text[rows])
+        g_image.addmm_(g_col.t(), image[rows])
     # sum_ij G[i,j] (I[i] . T[j]) = sum_i I[i] . (G @ T)[i]: O(M*D), no pass over S.
     return g_text, g_image, torch.einsum("md,md->", image, g_text)
 
@@ -160,6 +181,7 @@ def logit_grads(
     col_lse: torch.Tensor,
     diag_offset: int = 0,
     deterministic: bool = False,
+    split: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """G @ text (M, D), G.T @ image (N, D) and sum_ij G[i,j] (image[i] . text[j]) for
     G = exp(S - row_lse[:, None]) + exp(S - col_lse[None, :]) - 2E, E[i, j] = [j == i + diag_offset].
@@ -168,6 +190,9 @@ def logit_grads(
     last sum reduced, before G is rounded to the input dtype. fp32 results (fp64 for
     fp64 inputs).
     `deterministic` avoids floating-point atomics on GPU (one more pass over S).
+    `split` contracts each softmax with one side only, still in one pass over S:
+    G_row @ text, G_col.T @ image and sum G_row * (image . text), where
+    G_row = exp(S - row_lse[:, None]) - E and G_col = exp(S - col_lse[None, :]) - E.
     """
     if use_triton(image, text) and image.dtype != torch.float64:
         from clip_fast.kernels import contrastive
@@ -175,10 +200,11 @@ def logit_grads(
         return contrastive.grad_backward(
             _as_triton_operand(image), _as_triton_operand(text), _scalar32(scale), _scalar32(bias),
             row_lse.float().contiguous(), col_lse.float().contiguous(),
-            diag_offset=diag_offset, deterministic=deterministic,
+            diag_offset=diag_offset, deterministic=deterministic, split=split,
         )
     return _torch_logit_grads(
-        image, text, scale.reshape(()), None if bias is None else bias.reshape(()), row_lse, col_lse, diag_offset
+        image, text, scale.reshape(()), None if bias is None else bias.reshape(()), row_lse, col_lse, diag_offset,
+        split,
     )
 
 

@@ -12,7 +12,9 @@ logits are S = s * A @ B.T + b. Nothing of size M x N is ever written to memory:
   with both feature matrices: grad_a = G @ B and grad_b = G.T @ A. The program that
   owns a row block owns those rows of grad_a (plain read-modify-write, no atomics);
   grad_b gets fp32 atomics. Deterministic mode runs the kernel twice with the roles of
-  A and B swapped (P is symmetric in them) and no atomics.
+  A and B swapped (P is symmetric in them) and no atomics. Split mode contracts the two
+  softmaxes separately (grad_a = (P_row - E) @ B, grad_b = (P_col - E).T @ A) from the
+  same tile of S: open_clip's local loss without gathered gradients needs exactly that.
 
 Passes over S (one pass = 2*M*N*D FLOPs): forward 1, backward 3 (S, P@B, P.T@A), so 4
 in all; 5 in deterministic mode. The label term is subtracted in fp32 inside the kernel,
@@ -27,6 +29,8 @@ native MUFU instructions) with running maxima: the logit scale reaches 100, and 
 unnormalised feature can push S far beyond exp's fp32 range (~88.7).
 """
 from __future__ import annotations
+
+import itertools
 
 import torch
 import triton
@@ -132,7 +136,7 @@ def _grad_backward_kernel(
     col_lse_ptr,    # (N,) fp32 natural-log column logsumexp of S
     grad_a_ptr,     # (M, D) fp32 out, zero on entry: p_scale * G @ B
     grad_b_ptr,     # (N, D) fp32 out, zero on entry: p_scale * G.T @ A (atomics; only if COMPUTE_GRAD_B)
-    g_dot_ptr,      # (programs,) fp32 out: this program's sum of G[i, j] * (A[i] . B[j])
+    g_dot_ptr,      # (programs,) fp32 out: this program's sum of G[i, j] * (A[i] . B[j]) (G_row when SPLIT)
     scale_ptr,      # (1,) logit scale
     bias_ptr,       # (1,) logit bias, read only when HAS_BIAS
     p_scale,        # power of two applied to G before its cast to the input dtype (fp16 range)
@@ -141,6 +145,7 @@ def _grad_backward_kernel(
     stride_am, stride_bn,
     HAS_BIAS: tl.constexpr,
     COMPUTE_GRAD_B: tl.constexpr,
+    SPLIT: tl.constexpr,  # grad_a from G_row = P_row - E, grad_b from G_col = P_col - E (not one G)
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
     BLOCK_D: tl.constexpr,  # feature chunk of the two gradient products
     INPUT_PRECISION: tl.constexpr,
@@ -166,15 +171,26 @@ def _grad_backward_kernel(
             BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, WIDEN,
         )
         s2 = dots * scale_log2e + bias_log2e
-        p = tl.exp2(s2 - row_lse2[:, None]) + tl.exp2(s2 - col_lse2[None, :])
-        p = tl.where(cols[None, :] == rows[:, None] + diag_offset, p - 2.0, p)
-        p = tl.where(row_valid[:, None] & col_valid[None, :], p, 0.0)
+        is_label = cols[None, :] == rows[:, None] + diag_offset
+        in_bounds = row_valid[:, None] & col_valid[None, :]
+        if SPLIT:
+            p = tl.exp2(s2 - row_lse2[:, None])
+            p = tl.where(in_bounds, tl.where(is_label, p - 1.0, p), 0.0)
+            p_col = tl.exp2(s2 - col_lse2[None, :])
+            p_col = tl.where(in_bounds, tl.where(is_label, p_col - 1.0, p_col), 0.0)
+        else:
+            p = tl.exp2(s2 - row_lse2[:, None]) + tl.exp2(s2 - col_lse2[None, :])
+            p = tl.where(in_bounds, tl.where(is_label, p - 2.0, p), 0.0)
         # The logit-scale gradient, sum G * dots, from fp32 G: a reduction of the
         # rounded copy below would carry bf16's 2^-9 error into d(logit_scale).
         g_dot += tl.sum(tl.sum(p * dots, axis=1), axis=0)
         # G is in [-2, 2] with entries ~1/N: p_scale (~N, capped at 2^14) keeps them in
         # fp16's normal range so the G@B products run on tensor cores in the input dtype.
         p_lo = (p * p_scale).to(a_ptr.dtype.element_ty)
+        if SPLIT:
+            p_col_lo = (p_col * p_scale).to(a_ptr.dtype.element_ty)
+        else:
+            p_col_lo = p_lo
         for d_start in range(0, D, BLOCK_D):
             d = d_start + offs_d
             d_valid = d < D
@@ -193,7 +209,7 @@ def _grad_backward_kernel(
                     a_ptr + rows[:, None] * stride_am + d[None, :],
                     mask=row_valid[:, None] & d_valid[None, :], other=0.0,
                 )
-                gb = dot(tl.trans(p_lo), a_chunk, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), INPUT_PRECISION, WIDEN)
+                gb = dot(tl.trans(p_col_lo), a_chunk, tl.zeros((BLOCK_N, BLOCK_D), tl.float32), INPUT_PRECISION, WIDEN)
                 tl.atomic_add(
                     grad_b_ptr + cols[:, None] * D + d[None, :], gb,
                     mask=col_valid[:, None] & d_valid[None, :], sem="relaxed",
@@ -313,12 +329,16 @@ def grad_backward(
     col_lse: torch.Tensor,
     diag_offset: int = 0,
     deterministic: bool = False,
+    split: bool = False,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """G @ b, G.T @ a and sum(G * (a @ b.T)) for
     G = exp(S - row_lse[:, None]) + exp(S - col_lse[None, :]) - 2E, E[i, j] = [j == i + diag_offset].
 
     fp32 results of shapes (M, D), (N, D) and (). `deterministic=True` avoids atomics
-    by a second launch with a and b swapped (one more pass over S).
+    by a second launch with a and b swapped (one more pass over S). `split=True` uses
+    the two softmaxes separately: G_row @ b, G_col.T @ a and sum(G_row * (a @ b.T)) with
+    G_row = exp(S - row_lse[:, None]) - E and G_col = exp(S - col_lse[None, :]) - E,
+    still from one pass over S.
     """
     _check_operands(a, b)
     M, D = a.shape
@@ -338,13 +358,13 @@ def grad_backward(
     )
     _grad_backward_kernel[(num_programs,)](
         a, b, row_lse, col_lse, grad_a, grad_b, g_dot, scale, bias_arg, p_scale, diag_offset,
-        M, N, D, a.stride(0), b.stride(0), COMPUTE_GRAD_B=not deterministic, **common,
+        M, N, D, a.stride(0), b.stride(0), COMPUTE_GRAD_B=not deterministic, SPLIT=split, **common,
     )
     if deterministic:
         g_dot_swapped = torch.empty(triton.cdiv(N, cfg["BLOCK_M"]), device=a.device, dtype=torch.float32)
         _grad_backward_kernel[(g_dot_swapped.numel(),)](
             b, a, col_lse, row_lse, grad_b, grad_a, g_dot_swapped, scale, bias_arg, p_scale, -diag_offset,
-            N, M, D, b.stride(0), a.stride(0), COMPUTE_GRAD_B=False, **common,
+            N, M, D, b.stride(0), a.stride(0), COMPUTE_GRAD_B=False, SPLIT=split, **common,
         )
     inv = 1.0 / p_scale
     return grad_a.mul_(inv), grad_b.mul_(inv), g_dot.sum()
@@ -389,22 +409,23 @@ def aot_configs() -> list[KernelConfig]:
                 )
             )
             bwd = block_config(dtype, dim, "bwd", aligned)
-            for compute_grad_b in (True, False):
+            for compute_grad_b, split in itertools.product((True, False), (False, True)):
                 configs.append(
                     KernelConfig(
                         name=f"contrastive_grad_bwd[{name},BK={bwd['BLOCK_K']},BD={bwd['BLOCK_D']},"
-                        + ("atomic" if compute_grad_b else "deterministic") + suffix + "]",
+                        + ("atomic" if compute_grad_b else "deterministic") + (",split" if split else "")
+                        + suffix + "]",
                         fn=_grad_backward_kernel,
                         signature={
                             "a_ptr": f"*{name}", "b_ptr": f"*{name}", "row_lse_ptr": "*fp32", "col_lse_ptr": "*fp32",
                             "grad_a_ptr": "*fp32", "grad_b_ptr": "*fp32", "g_dot_ptr": "*fp32", "scale_ptr": "*fp32", "bias_ptr": "*fp32",
                             "p_scale": "fp32", "diag_offset": "i32", "M": "i32", "N": "i32", "D": "i32", "stride_am": "i32",
                             "stride_bn": "i32", "HAS_BIAS": "constexpr", "COMPUTE_GRAD_B": "constexpr",
-                            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
+                            "SPLIT": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr",
                             "BLOCK_D": "constexpr", "INPUT_PRECISION": "constexpr", "WIDEN": "constexpr",
                         },
                         constexprs=dict(
-                            HAS_BIAS=True, COMPUTE_GRAD_B=compute_grad_b, BLOCK_M=bwd["BLOCK_M"],
+                            HAS_BIAS=True, COMPUTE_GRAD_B=compute_grad_b, SPLIT=split, BLOCK_M=bwd["BLOCK_M"],
                             BLOCK_N=bwd["BLOCK_N"], BLOCK_K=bwd["BLOCK_K"], BLOCK_D=bwd["BLOCK_D"],
                             INPUT_PRECISION=_input_precision(dtype), WIDEN=False,
                         ),

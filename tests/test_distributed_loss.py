@@ -53,11 +53,9 @@ def _rel(a, b):
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
 
 
-def _compare_all_flags(rank, world_size):
+def _compare_all_flags(rank, world_size, dtypes=((torch.float64, 1e-10), (torch.float32, 2e-5))):
     inputs = _rank_inputs(rank)
-    for (local_loss, gather_with_grad), (dtype, tol) in itertools.product(
-        FLAGS, [(torch.float64, 1e-10), (torch.float32, 2e-5)]
-    ):
+    for (local_loss, gather_with_grad), (dtype, tol) in itertools.product(FLAGS, dtypes):
         # DDP gives every rank the same grad_output; the other cases also get a
         # per-rank one, which each semantics applies differently
         same_g = local_loss and gather_with_grad
@@ -97,9 +95,36 @@ def _errors_are_collective(rank, world_size):
     assert check.item() == world_size
 
 
+def _one_pass_each_way(rank, world_size):
+    """Every flag combination costs one forward pass (lse_stats) and one backward
+    pass (logit_grads, 3 matmul-sized passes over S_r): 4 in all per rank."""
+    import clip_fast.distributed_loss as module
+
+    calls = []
+    originals = module.lse_stats, module.logit_grads
+    module.lse_stats = lambda *a, **k: calls.append("fwd") or originals[0](*a, **k)
+    module.logit_grads = lambda *a, **k: calls.append("bwd") or originals[1](*a, **k)
+    try:
+        for local_loss, gather_with_grad in FLAGS:
+            calls.clear()
+            _run(_ours(rank, world_size, local_loss, gather_with_grad), _rank_inputs(rank), 1.0, torch.float32)
+            assert calls == ["fwd", "bwd"], (local_loss, gather_with_grad, calls)
+    finally:
+        module.lse_stats, module.logit_grads = originals
+
+
 def _all_checks(rank, world_size):
     _compare_all_flags(rank, world_size)
+    # large batches merge the column statistics with two all-reduces instead of one gather
+    import clip_fast.distributed_loss as module
+
+    limit, module.GATHER_MERGE_LIMIT = module.GATHER_MERGE_LIMIT, 0
+    try:
+        _compare_all_flags(rank, world_size, dtypes=((torch.float64, 1e-10),))
+    finally:
+        module.GATHER_MERGE_LIMIT = limit
     _errors_are_collective(rank, world_size)
+    _one_pass_each_way(rank, world_size)
 
 
 @pytest.mark.parametrize("world_size", [2, 4])

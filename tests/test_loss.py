@@ -93,6 +93,41 @@ def test_rectangular_blocks_match_dense_math():
     torch.testing.assert_close(g_dot, (g * (image @ text.T)).sum())
     torch.testing.assert_close(g_text, g @ text)
     torch.testing.assert_close(g_image, g.T @ image)
+    # split mode: each softmax with its own side (open_clip's local loss without gathered grads)
+    g_row = (logits - row[:, None]).exp() - labels
+    g_col = (logits - col[None, :]).exp() - labels
+    g_text, g_image, g_dot = logit_grads(image, text, scale, bias, row, col, diag_offset=20, split=True)
+    torch.testing.assert_close(g_dot, (g_row * (image @ text.T)).sum())
+    torch.testing.assert_close(g_text, g_row @ text)
+    torch.testing.assert_close(g_image, g_col.T @ image)
+
+
+@pytest.mark.parametrize("spread", [1.0, 200.0], ids=["shared-shift", "per-direction-shift"])
+def test_split_mode_fp32_blocks_match_fp64(monkeypatch, spread):
+    """Split mode on fp32 over several row chunks, in both exponentiation branches (a
+    block whose logits span more than _SHARED_SHIFT_RANGE takes the second)."""
+    monkeypatch.setattr("clip_fast.loss.CPU_BLOCK_ELEMENTS", 7 * 50)  # 7-row chunks of a 33 x 50 block
+    g = torch.Generator().manual_seed(5)
+    image = torch.randn(33, 16, generator=g, dtype=torch.float64)
+    image = image * torch.linspace(0.1, spread, 33, dtype=torch.float64)[:, None] / image.norm(dim=1, keepdim=True)
+    text = torch.nn.functional.normalize(torch.randn(50, 16, generator=g, dtype=torch.float64), dim=-1)
+    scale = torch.tensor(3.0, dtype=torch.float64)
+    logits = scale * image @ text.T
+    row, col = logits.logsumexp(1), logits.logsumexp(0)
+    labels = torch.zeros_like(logits)
+    labels[torch.arange(33), torch.arange(33) + 4] = 1.0
+    g_row = (logits - row[:, None]).exp() - labels
+    g_col = (logits - col[None, :]).exp() - labels
+    g_text, g_image, g_dot = logit_grads(
+        image.float(), text.float(), scale.float(), None, row.float(), col.float(), diag_offset=4, split=True
+    )
+    # each softmax entry is good to ~2^-24 * max|S| relative (blockwise_floor), so each
+    # result to that times the sum of its terms' magnitudes
+    rel = blockwise_floor(1e-6, logits.abs().max().item())
+    dots = image @ text.T
+    torch.testing.assert_close(g_text.double(), g_row @ text, rtol=0, atol=rel * (g_row.abs() @ text.abs()).max().item())
+    torch.testing.assert_close(g_image.double(), g_col.T @ image, rtol=0, atol=rel * (g_col.abs().T @ image.abs()).max().item())
+    torch.testing.assert_close(g_dot.double(), (g_row * dots).sum(), rtol=0, atol=rel * (g_row.abs() * dots.abs()).sum().item())
 
 
 def test_output_dict_and_python_float_scale():

@@ -58,3 +58,32 @@ def test_autocast_features_and_fp32_scale():
     expected = open_clip_loss(image.double(), text.double(), t.detach().double().exp())
     assert abs(loss.item() - expected.item()) < 1e-3 * expected.item()
     assert t.grad is not None and torch.isfinite(t.grad)
+
+
+@pytest.mark.parametrize("split", [False, True])
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_rectangular_shard_gradients_on_gpu(split, deterministic, dtype):
+    """The distributed loss's (b x B) row block with a label offset, in every backward mode."""
+    from clip_fast.loss import logit_grads, lse_stats
+
+    M, N, D, offset = 1000, 4000, 512, 2000
+    g = torch.Generator(device="cuda").manual_seed(0)
+    image = torch.nn.functional.normalize(torch.randn(M, D, device="cuda", generator=g), dim=-1).to(dtype)
+    text = torch.nn.functional.normalize(torch.randn(N, D, device="cuda", generator=g), dim=-1).to(dtype)
+    scale, bias = torch.tensor(50.0, device="cuda"), torch.tensor(-3.0, device="cuda")
+    row, col = lse_stats(image, text, scale, bias)
+    dots = image.double() @ text.double().T
+    logits = 50.0 * dots - 3.0
+    torch.testing.assert_close(row.double(), logits.logsumexp(1), rtol=0, atol=1e-4)
+    torch.testing.assert_close(col.double(), logits.logsumexp(0), rtol=0, atol=1e-4)
+    labels = torch.zeros_like(logits)
+    labels[torch.arange(M), torch.arange(M) + offset] = 1.0
+    p_row, p_col = (logits - row.double()[:, None]).exp(), (logits - col.double()[None, :]).exp()
+    g_row = p_row - labels if split else p_row + p_col - 2 * labels
+    g_col = p_col - labels if split else g_row
+    g_text, g_image, g_dot = logit_grads(image, text, scale, bias, row, col, offset, deterministic, split=split)
+    tol = 1e-5 if dtype == torch.float32 else 1e-2  # G is rounded to bf16 before its products
+    torch.testing.assert_close(g_text.double(), g_row @ text.double(), rtol=0, atol=tol * (g_row.abs() @ text.double().abs()).max().item())
+    torch.testing.assert_close(g_image.double(), g_col.T @ image.double(), rtol=0, atol=tol * (g_col.abs().T @ image.double().abs()).max().item())
+    torch.testing.assert_close(g_dot.double(), (g_row * dots).sum(), rtol=0, atol=1e-4 * (g_row.abs() * dots.abs()).sum().item())

@@ -2,6 +2,7 @@
 
 Run in its own process with TRITON_INTERPRET=1 CLIP_FAST_BACKEND=triton (see conftest).
 """
+import itertools
 import math
 
 import pytest
@@ -63,17 +64,21 @@ def test_rectangular_statistics_and_gradients(M, N, D, dtype):
     for i in range(M):
         if 0 <= i + offset < N:
             labels[i, i + offset] = 1.0
-    G = (logits - logits.logsumexp(1, keepdim=True)).exp() + (logits - logits.logsumexp(0, keepdim=True)).exp() - 2 * labels
-    for deterministic in (False, True):
+    p_row = (logits - logits.logsumexp(1, keepdim=True)).exp()
+    p_col = (logits - logits.logsumexp(0, keepdim=True)).exp()
+    dots = image.double() @ text.double().T
+    # G is rounded to the input dtype before its products (as on tensor cores).
+    tol = 1e-5 if dtype == torch.float32 else 2e-2
+    for deterministic, split in itertools.product((False, True), (False, True)):
+        # split: G_row = P_row - E for grad_a, G_col = P_col - E for grad_b
+        g_row = p_row - labels if split else p_row + p_col - 2 * labels
+        g_col = p_col - labels if split else g_row
         g_text, g_image, g_dot = contrastive.grad_backward(
-            image, text, scale, bias, row, col, diag_offset=offset, deterministic=deterministic
+            image, text, scale, bias, row, col, diag_offset=offset, deterministic=deterministic, split=split
         )
-        dots = image.double() @ text.double().T
-        torch.testing.assert_close(g_dot.double(), (G * dots).sum(), rtol=0, atol=1e-5 * (G.abs() * dots.abs()).sum().item())
-        # G is rounded to the input dtype before its products (as on tensor cores).
-        tol = 1e-5 if dtype == torch.float32 else 2e-2
-        torch.testing.assert_close(g_text.double(), G @ text.double(), rtol=0, atol=tol * max(1.0, (G.abs() @ text.double().abs()).max().item()))
-        torch.testing.assert_close(g_image.double(), G.T @ image.double(), rtol=0, atol=tol * max(1.0, (G.abs().T @ image.double().abs()).max().item()))
+        torch.testing.assert_close(g_dot.double(), (g_row * dots).sum(), rtol=0, atol=1e-5 * (g_row.abs() * dots.abs()).sum().item())
+        torch.testing.assert_close(g_text.double(), g_row @ text.double(), rtol=0, atol=tol * max(1.0, (g_row.abs() @ text.double().abs()).max().item()))
+        torch.testing.assert_close(g_image.double(), g_col.T @ image.double(), rtol=0, atol=tol * max(1.0, (g_col.abs().T @ image.double().abs()).max().item()))
 
 
 def test_deterministic_mode_is_bitwise_reproducible_and_agrees():

@@ -1,6 +1,6 @@
 """The sharded ContrastiveLoss through the Triton kernels under the interpreter: the
-rectangular (b x B) blocks with a diagonal offset, and the +inf-LSE calls that
-local_loss=True, gather_with_grad=False uses to split the row and column softmax."""
+rectangular (b x B) blocks with a diagonal offset, and the split backward (row and
+column softmax contracted separately) that local_loss=True, gather_with_grad=False uses."""
 import os
 import tempfile
 
@@ -9,36 +9,11 @@ import torch
 import torch.distributed as dist
 
 from clip_fast.distributed_loss import ShardSpec, sharded_contrastive_loss
-from clip_fast.loss import logit_grads, lse_stats
 
 
 def _rel(a, b):
     a, b = a.double(), b.double()
     return float((a - b).abs().max() / b.abs().max().clamp_min(1e-12))
-
-
-@pytest.mark.parametrize("which", ["rows_only", "cols_only"])
-def test_infinite_lse_removes_one_softmax(which):
-    g = torch.Generator().manual_seed(0)
-    M, N, D, offset = 9, 27, 13, 9  # rank 1 of 3 with b = 9
-    image, text = torch.randn(M, D, generator=g), torch.randn(N, D, generator=g)
-    scale, bias = torch.tensor(5.0), torch.tensor(-1.0)
-    row_lse, col_lse = lse_stats(image, text, scale, bias)
-    S = 5.0 * image.double() @ text.double().T - 1.0
-    assert _rel(row_lse, torch.logsumexp(S, 1)) < 1e-6
-    assert _rel(col_lse, torch.logsumexp(S, 0)) < 1e-6
-    E = torch.zeros(M, N, dtype=torch.float64)
-    E[:, offset : offset + M].diagonal().fill_(1.0)
-    if which == "rows_only":
-        col_lse = torch.full_like(col_lse, float("inf"))
-        G = torch.softmax(S, 1) - 2 * E
-    else:
-        row_lse = torch.full_like(row_lse, float("inf"))
-        G = torch.exp(S - torch.logsumexp(S, 0)) - 2 * E
-    g_text, g_image, g_dot = logit_grads(image, text, scale, bias, row_lse, col_lse, offset)
-    assert _rel(g_text, G @ text.double()) < 1e-5
-    assert _rel(g_image, G.T @ image.double()) < 1e-5
-    assert _rel(g_dot, (G * (image.double() @ text.double().T)).sum()) < 1e-5
 
 
 @pytest.mark.parametrize("local_loss,gather_with_grad", [(False, False), (True, False), (True, True)])
