@@ -1,5 +1,6 @@
 """The CLIP tokenizer against open_clip's SimpleTokenizer (same merges file) and the
 conventions the text tower relies on (SOT/EOT placement, EOT = largest id, truncation)."""
+import json
 import os
 
 import numpy as np
@@ -11,6 +12,7 @@ from open_clip.tokenizer import SimpleTokenizer  # noqa: E402
 from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES, OPENAI_IMAGENET_TEMPLATES  # noqa: E402
 
 from clip_fast.data.tokenizer import Tokenizer, clean_text  # noqa: E402
+from helpers import run_python  # noqa: E402
 
 # Read from the installed open_clip package; never copied into this repository.
 MERGES = os.path.join(os.path.dirname(open_clip.__file__), "bpe_simple_vocab_16e6.txt.gz")
@@ -107,6 +109,34 @@ def test_trained_tokenizer_conventions(trained):
         assert tok.decode(tok(text)[0]).replace(" ", "") == clean_text(text).replace(" ", "")
     # It learned the corpus: frequent words are single tokens, far fewer ids than bytes.
     assert len(tok.encode("a photo of a")) == 4
+
+
+def _merges_and_vocab(tok):
+    model = json.loads(json.loads(tok.to_json())["tokenizer"])["model"]
+    return model["merges"], model["vocab"]
+
+
+def test_training_is_reproducible(trained):
+    """Same captions -> same vocabulary, merges and ids: again in this process, with the
+    captions in another order, and in a fresh process (another hash seed in Rust)."""
+    tok, captions = trained
+    merges, vocab = _merges_and_vocab(tok)
+    assert len(merges) == tok.vocab_size - 512 - 2  # byte symbols, merges, SOT, EOT
+    shuffled = list(captions)
+    np.random.default_rng(0).shuffle(shuffled)
+    for again in (Tokenizer.train(captions, vocab_size=1500), Tokenizer.train(shuffled, vocab_size=1500)):
+        assert _merges_and_vocab(again) == (merges, vocab)
+        assert torch.equal(again(captions), tok(captions))
+    code = (
+        "from open_clip.zero_shot_metadata import IMAGENET_CLASSNAMES as C, OPENAI_IMAGENET_TEMPLATES as T\n"
+        "from clip_fast.data.tokenizer import Tokenizer\n"
+        "print(Tokenizer.train([t(c) for c in C[:300] for t in T[:10]], vocab_size=1500).to_json())\n"
+    )
+    result = run_python(["-c", code], timeout=300)
+    assert result.returncode == 0, result.stderr[-2000:]
+    fresh = Tokenizer.from_json(result.stdout.strip().splitlines()[-1])
+    assert _merges_and_vocab(fresh) == (merges, vocab)
+    assert torch.equal(fresh(captions), tok(captions))
 
 
 def test_trained_round_trip(trained, tmp_path):

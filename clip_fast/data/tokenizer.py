@@ -169,24 +169,31 @@ class Tokenizer:
         if not isinstance(vocab_size, int) or vocab_size < min_size:
             raise ValueError(f"vocab_size must be an int >= {min_size} (merges beyond the 512 byte symbols, SOT, EOT), got {vocab_size!r}")
         symbols = list(_bytes_to_unicode().values())
+        base = symbols + [sym + "</w>" for sym in symbols]  # OpenAI's first 512 ids, in its order
         tok = _pipeline(BPE(end_of_word_suffix="</w>", unk_token=None, fuse_unk=False))
         trainer = trainers.BpeTrainer(
-            # Room for SOT/EOT and for the word-final byte symbols added below.
-            vocab_size=vocab_size - 2 - 256,
+            vocab_size=vocab_size - 2,  # room for SOT and EOT
             min_frequency=min_frequency,
             show_progress=False,
-            special_tokens=[],
+            # Determinism: the trainer gives ids 0.. to its special tokens, then to the
+            # alphabet in code-point order, but it creates a word-final symbol ("x</w>")
+            # when it first meets a word ending in "x", walking a Rust HashMap of words
+            # whose order is seeded randomly per process. Those ids break ties between
+            # equally frequent pairs, so the merges changed from call to call. Declaring
+            # all 512 byte symbols up front fixes every id before training. It also puts
+            # every word-final symbol in the vocabulary, seen in training or not: without
+            # one, a one-byte word (an "&", a digit) would have no id and vanish.
+            special_tokens=base,
             initial_alphabet=symbols,
             end_of_word_suffix="</w>",
         )
         tok.train_from_iterator((clean_text(c) for c in captions), trainer=trainer)
-        # The trainer adds a word-final symbol ("x</w>") only when the corpus ends a word
-        # with it; without all 256 of them a one-byte word never seen in training (an "&",
-        # a digit) would have no id and vanish. OpenAI's vocabulary has all 512.
         model = json.loads(tok.to_str())["model"]
         vocab, merges = model["vocab"], [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
-        for token in symbols + [sym + "</w>" for sym in symbols]:
-            vocab.setdefault(token, len(vocab))
+        if [vocab.get(t) for t in base] != list(range(len(base))):
+            raise RuntimeError("tokenizers' BpeTrainer did not put the byte symbols first: unsupported version?")
+        # Rebuilt from vocab and merges alone: the byte symbols become plain vocabulary
+        # entries, not special tokens of the trained tokenizer.
         tok = _pipeline(BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", unk_token=None, fuse_unk=False))
         # Added tokens take the next free ids, so SOT = V-2 and EOT = V-1: EOT is the
         # largest id, as in OpenAI's vocabulary.
