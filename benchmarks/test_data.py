@@ -4,8 +4,12 @@ CPU (same shards, same cores: 2 DataLoader workers vs 2 DALI threads):
   - openclip: what open_clip users run -- a DataLoader whose workers PIL-decode each JPEG
     and apply open_clip's own train transform (torchvision RandomResizedCrop, ToTensor,
     Normalize), default collate;
-  - torch:    clip_fast's fallback (PIL decode + crop/resize in one resample, uint8 batches);
-  - dali:     clip_fast's DALI pipeline on CPU (device_id=None). Target >= 1.5x openclip.
+  - torch:    clip_fast's fallback (PIL decode, crop, resize; uint8 batches, normalised in
+              the workers);
+  - dali:     clip_fast's DALI pipeline on CPU (device_id=None): DALI's 2 threads read and
+              decode the crop window (ROI decode), the iterating thread resamples it with
+              torch's uint8 antialiased bicubic (Pillow's filter) and normalises it.
+              Target >= 1.5x openclip.
 GPU (marked gpu): DALI "mixed" decode (nvJPEG / hardware JPEG decoder) at 224 px, target
 >= 5,000 images/s on an H100, against the torch/PIL path with the machine's cores.
 
