@@ -22,17 +22,24 @@ DTYPE = torch.float32 if DEVICE == "cpu" else torch.bfloat16
 IMPLEMENTATIONS = {
     "clip_fast": ContrastiveLoss(),
     "clip_fast_deterministic": ContrastiveLoss(deterministic=True),
+    # the two Triton backwards forced (CLIP_FAST_CONTRASTIVE_BACKWARD), to re-tune
+    # kernels.contrastive.STRIP_MIN_ENTRIES from a GPU run
+    "clip_fast_fused_bwd": ContrastiveLoss(),
+    "clip_fast_strip_bwd": ContrastiveLoss(),
     "open_clip": ClipLoss(),
     "naive_torch": reference_clip_loss,
 }
+BACKWARD_OVERRIDE = {"clip_fast_fused_bwd": "fused", "clip_fast_strip_bwd": "strips"}
 
 
 @pytest.mark.parametrize("impl", list(IMPLEMENTATIONS))
 @pytest.mark.parametrize("D", DIMS)
 @pytest.mark.parametrize("B", BATCHES)
-def test_contrastive_loss_fwd_bwd(measure, device, impl, B, D):
-    if impl == "clip_fast_deterministic" and device == "cpu":
-        pytest.skip("deterministic mode only changes the GPU kernels")
+def test_contrastive_loss_fwd_bwd(measure, device, monkeypatch, impl, B, D):
+    if (impl == "clip_fast_deterministic" or impl in BACKWARD_OVERRIDE) and device == "cpu":
+        pytest.skip("deterministic mode and the backward choice only change the GPU kernels")
+    if impl in BACKWARD_OVERRIDE:
+        monkeypatch.setenv("CLIP_FAST_CONTRASTIVE_BACKWARD", BACKWARD_OVERRIDE[impl])
     if not (impl.startswith("clip_fast") or materialised_fits(B, device)):
         pytest.skip(f"{impl} would need {6 * B * B * 4 / 2**30:.0f} GiB of B x B buffers")
     image, text = unit_features(B, D, device, DTYPE)

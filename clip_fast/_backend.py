@@ -5,6 +5,12 @@
   triton  the Triton kernels for every tensor; CPU tensors need TRITON_INTERPRET=1
           set before triton is imported (this is how the kernels are tested on CPU);
   torch   the torch path on any device.
+
+`CLIP_FAST_CONTRASTIVE_BACKWARD` picks the contrastive loss's Triton backward:
+  auto    (default) the strip backward for bf16/fp16 CUDA features once B x B >= 2^26,
+          the fused kernel otherwise (clip_fast.kernels.contrastive.prefer_strips);
+  fused   one fused kernel (atomics, or a second launch when deterministic);
+  strips  Triton writes G in bf16/fp16 strips, cuBLAS multiplies (bf16/fp16 only).
 """
 from __future__ import annotations
 
@@ -16,6 +22,7 @@ import warnings
 import torch
 
 BACKENDS = ("auto", "triton", "torch")
+CONTRASTIVE_BACKWARDS = ("auto", "fused", "strips")
 
 
 def requested_backend() -> str:
@@ -23,6 +30,14 @@ def requested_backend() -> str:
     if value not in BACKENDS:
         raise ValueError(f"CLIP_FAST_BACKEND must be one of {BACKENDS}, got {value!r}")
     return value
+
+
+def contrastive_backward() -> bool | None:
+    """CLIP_FAST_CONTRASTIVE_BACKWARD as the launcher's `strips` argument (None = auto)."""
+    value = os.environ.get("CLIP_FAST_CONTRASTIVE_BACKWARD", "auto").strip().lower()
+    if value not in CONTRASTIVE_BACKWARDS:
+        raise ValueError(f"CLIP_FAST_CONTRASTIVE_BACKWARD must be one of {CONTRASTIVE_BACKWARDS}, got {value!r}")
+    return None if value == "auto" else value == "strips"
 
 
 @functools.lru_cache(maxsize=None)

@@ -20,7 +20,7 @@ from typing import Union
 import torch
 from torch import nn
 
-from clip_fast._backend import use_triton
+from clip_fast._backend import contrastive_backward, use_triton
 from clip_fast._checks import as_scalar, check_feature_pair
 
 # Elements of one (chunk x N) block of S on the CPU path: 2^24 fp32 = 64 MiB. Backward
@@ -200,7 +200,7 @@ def logit_grads(
         return contrastive.grad_backward(
             _as_triton_operand(image), _as_triton_operand(text), _scalar32(scale), _scalar32(bias),
             row_lse.float().contiguous(), col_lse.float().contiguous(),
-            diag_offset=diag_offset, deterministic=deterministic, split=split,
+            diag_offset=diag_offset, deterministic=deterministic, split=split, strips=contrastive_backward(),
         )
     return _torch_logit_grads(
         image, text, scale.reshape(()), None if bias is None else bias.reshape(()), row_lse, col_lse, diag_offset,

@@ -16,8 +16,12 @@ logits are S = s * A @ B.T + b. Nothing of size M x N is ever written to memory:
   softmaxes separately (grad_a = (P_row - E) @ B, grad_b = (P_col - E).T @ A) from the
   same tile of S: open_clip's local loss without gathered gradients needs exactly that.
 
+- `grad_backward` with strips (bf16/fp16, the CUDA default for large S): a kernel
+  writes G for a strip of rows to a bounded workspace and cuBLAS does the two products
+  (see `_grad_backward_strips` for why).
+
 Passes over S (one pass = 2*M*N*D FLOPs): forward 1, backward 3 (S, P@B, P.T@A), so 4
-in all; 5 in deterministic mode. The label term is subtracted in fp32 inside the kernel,
+in all; 5 in deterministic mode with the fused backward. The label term is subtracted in fp32 inside the kernel,
 before G is rounded to the input dtype: when the model is confident P[i, i] is close to 2
 and the gradient is the small difference, which a bf16 copy of P would lose. The 1/(2B)
 normaliser and the logit-scale gradient are O(B*D) and live with the caller
@@ -217,6 +221,69 @@ def _grad_backward_kernel(
     tl.store(g_dot_ptr + pid, g_dot)
 
 
+@triton.jit
+def _grad_strip_kernel(
+    a_ptr,          # (M, D) features of the rows
+    b_ptr,          # (N, D) features of the columns
+    row_lse_ptr,    # (M,) fp32 natural-log row logsumexp of S
+    col_lse_ptr,    # (N,) fp32 natural-log column logsumexp of S
+    g_ptr,          # (R, N) out, input dtype: p_scale * G for rows row_start.. (G_row when SPLIT)
+    g_col_ptr,      # (R, N) out, input dtype: p_scale * G_col (only when SPLIT)
+    g_dot_ptr,      # (programs,) fp32 out: this tile's sum of G[i, j] * (A[i] . B[j]) (G_row when SPLIT)
+    scale_ptr,      # (1,) logit scale
+    bias_ptr,       # (1,) logit bias, read only when HAS_BIAS
+    p_scale,        # power of two applied to G before its cast to the input dtype
+    diag_offset,    # the label of row i is column i + diag_offset
+    row_start,      # first row of S in this strip
+    R, M, N, D,     # strip height, then the full problem
+    stride_am, stride_bn,
+    HAS_BIAS: tl.constexpr,
+    SPLIT: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    INPUT_PRECISION: tl.constexpr,
+    WIDEN: tl.constexpr,  # interpreter only: widen bf16 dot operands (see common.dot)
+):
+    """One (BLOCK_M x BLOCK_N) tile of G for a strip of rows, written to a workspace:
+    the two products with the features are left to cuBLAS, whose GEMMs run near peak,
+    instead of the fused kernel's per-tile read-modify-write of fp32 gradient rows."""
+    pid_m = tl.program_id(0)
+    pid_n = tl.program_id(1)
+    scale_log2e = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
+    bias_log2e = 0.0
+    if HAS_BIAS:
+        bias_log2e = tl.load(bias_ptr).to(tl.float32) * 1.4426950408889634
+    local_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rows = row_start + local_rows
+    row_valid = (local_rows < R) & (rows < M)
+    cols = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    col_valid = cols < N
+    in_bounds = row_valid[:, None] & col_valid[None, :]
+    row_lse2 = tl.load(row_lse_ptr + rows, mask=row_valid, other=0.0) * 1.4426950408889634
+    col_lse2 = tl.load(col_lse_ptr + cols, mask=col_valid, other=0.0) * 1.4426950408889634
+    dots = _dot_tile(
+        a_ptr, b_ptr, rows, cols, M, N, D, stride_am, stride_bn,
+        BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, WIDEN,
+    )
+    s2 = dots * scale_log2e + bias_log2e
+    is_label = cols[None, :] == rows[:, None] + diag_offset
+    # Label term and the logit-scale reduction in fp32, before G is rounded (see the
+    # fused kernel above for why).
+    if SPLIT:
+        g = tl.exp2(s2 - row_lse2[:, None])
+        g = tl.where(in_bounds, tl.where(is_label, g - 1.0, g), 0.0)
+        g_col = tl.exp2(s2 - col_lse2[None, :])
+        g_col = tl.where(in_bounds, tl.where(is_label, g_col - 1.0, g_col), 0.0)
+    else:
+        g = tl.exp2(s2 - row_lse2[:, None]) + tl.exp2(s2 - col_lse2[None, :])
+        g = tl.where(in_bounds, tl.where(is_label, g - 2.0, g), 0.0)
+    tl.store(g_dot_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(g * dots, axis=1), axis=0))
+    # int64 offsets: a strip may hold more than 2^31 entries at very large N
+    offsets = local_rows.to(tl.int64)[:, None] * N + cols[None, :]
+    tl.store(g_ptr + offsets, (g * p_scale).to(g_ptr.dtype.element_ty), mask=in_bounds)
+    if SPLIT:
+        tl.store(g_col_ptr + offsets, (g_col * p_scale).to(g_col_ptr.dtype.element_ty), mask=in_bounds)
+
+
 # ----------------------------------------------------------------------------- configs
 
 
@@ -225,7 +292,7 @@ def _pow2_at_least(x: int, floor: int) -> int:
 
 
 def block_config(dtype: torch.dtype, dim: int, kind: str, aligned: bool) -> dict:
-    """Tile sizes and launch parameters for `kind` in {"fwd", "bwd"}.
+    """Tile sizes and launch parameters for `kind` in {"fwd", "bwd", "strip"}.
 
     Chosen with the AOT report (python -m clip_fast.aot): the largest tiles that
     compile for sm_80 and sm_90 with no stack frame (no spills). `aligned` calls (16-byte
@@ -244,6 +311,12 @@ def block_config(dtype: torch.dtype, dim: int, kind: str, aligned: bool) -> dict
             return dict(BLOCK_M=128, BLOCK_N=block_n, BLOCK_K=block_k, num_warps=8, num_stages=3)
         block_m = 128 if aligned else 64
         return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, num_warps=8, num_stages=2)
+    if kind == "strip":
+        if not wide:
+            raise ValueError("the strip backward takes bf16/fp16 features")
+        # unaligned calls need more address registers: 64 x 64 tiles keep them spill-free
+        tile = 128 if aligned else 64
+        return dict(BLOCK_M=tile, BLOCK_N=tile, BLOCK_K=block_k, num_warps=8, num_stages=3)
     if kind == "bwd":
         if wide:
             block_d = min(32, _pow2_at_least(dim, 16))
@@ -251,7 +324,7 @@ def block_config(dtype: torch.dtype, dim: int, kind: str, aligned: bool) -> dict
             return dict(BLOCK_M=block_m, BLOCK_N=64, BLOCK_K=block_k, BLOCK_D=block_d, num_warps=8, num_stages=2)
         block_n = 64 if aligned else 32
         return dict(BLOCK_M=64, BLOCK_N=block_n, BLOCK_K=block_k, BLOCK_D=16, num_warps=8, num_stages=2)
-    raise ValueError(f"kind must be 'fwd' or 'bwd', got {kind!r}")
+    raise ValueError(f"kind must be 'fwd', 'bwd' or 'strip', got {kind!r}")
 
 
 def is_aligned(a: torch.Tensor, b: torch.Tensor) -> bool:
@@ -330,6 +403,7 @@ def grad_backward(
     diag_offset: int = 0,
     deterministic: bool = False,
     split: bool = False,
+    strips: bool | None = None,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """G @ b, G.T @ a and sum(G * (a @ b.T)) for
     G = exp(S - row_lse[:, None]) + exp(S - col_lse[None, :]) - 2E, E[i, j] = [j == i + diag_offset].
@@ -339,10 +413,18 @@ def grad_backward(
     the two softmaxes separately: G_row @ b, G_col.T @ a and sum(G_row * (a @ b.T)) with
     G_row = exp(S - row_lse[:, None]) - E and G_col = exp(S - col_lse[None, :]) - E,
     still from one pass over S.
+    `strips` picks the strip backward (bf16/fp16 only; see `_grad_backward_strips`),
+    which is deterministic too; None lets `prefer_strips` decide.
     """
     _check_operands(a, b)
     M, D = a.shape
     N = b.shape[0]
+    if strips is None:
+        strips = prefer_strips(a, M, N)
+    if strips:
+        if a.dtype == torch.float32:
+            raise ValueError("the strip backward (strips=True, CLIP_FAST_CONTRASTIVE_BACKWARD=strips) needs bf16/fp16 features, got float32")
+        return _grad_backward_strips(a, b, scale, bias, row_lse, col_lse, diag_offset, split)
     cfg = block_config(a.dtype, D, "bwd", is_aligned(a, b))
     p_scale = p_scale_for(min(M, N))
     grad_a = torch.zeros(M, D, device=a.device, dtype=torch.float32)
@@ -368,6 +450,87 @@ def grad_backward(
         )
     inv = 1.0 / p_scale
     return grad_a.mul_(inv), grad_b.mul_(inv), g_dot.sum()
+
+
+# The strip backward needs bf16/fp16 features and pays off once S is large enough for
+# the fused kernel's traffic to dominate: 8k x 8k and up (a FLOP/byte estimate for
+# H100/A100, not yet measured; benchmarks/test_loss.py times both on a GPU).
+STRIP_MIN_ENTRIES = 1 << 26
+# A workspace strip of G holds about this many entries (256 MiB in bf16), and at least
+# STRIP_MIN_ROWS rows so the G @ b GEMM keeps the whole GPU busy.
+STRIP_ENTRIES = 1 << 27
+STRIP_MIN_ROWS = 1024
+
+
+def prefer_strips(a: torch.Tensor, M: int, N: int) -> bool:
+    """Whether `grad_backward` runs the strip backward by default for these operands."""
+    return a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and M * N >= STRIP_MIN_ENTRIES
+
+
+def strip_rows(M: int, N: int, block_m: int) -> int:
+    """Rows of G per workspace strip: bounded memory, O(N) for a fixed problem width."""
+    rows = min(M, max(STRIP_MIN_ROWS, STRIP_ENTRIES // max(N, 1)))
+    return triton.cdiv(rows, block_m) * block_m
+
+
+def _mm_fp32(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """x @ y with fp32 accumulation and an fp32 result, operands in their own dtype."""
+    if x.is_cuda:
+        return torch.mm(x, y, out_dtype=torch.float32)  # cuBLAS: bf16/fp16 tensor cores, fp32 out
+    # CPU tensors (the interpreter): fp32 products of bf16/fp16 values are exact
+    return torch.mm(x.float(), y.float())
+
+
+def _grad_backward_strips(
+    a: torch.Tensor,
+    b: torch.Tensor,
+    scale: torch.Tensor,
+    bias: torch.Tensor | None,
+    row_lse: torch.Tensor,
+    col_lse: torch.Tensor,
+    diag_offset: int,
+    split: bool,
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """grad_backward by strips of rows: a Triton kernel recomputes S for R rows and writes
+    p_scale * G in the input dtype to an (R, N) workspace; cuBLAS then computes
+    G_strip @ b (those rows of grad_a, complete) and G_strip.T @ a[strip] (added to
+    grad_b). Still 4 passes over S in all, no atomics (deterministic), and
+    O(R * N + (M + N) * D) memory.
+
+    Why: at D = 512+ the fused kernel cannot keep a row block's gradient (BLOCK_M x D
+    fp32) in registers, so every tile reads and writes it, ~0.6 MB per 128 x 64 tile:
+    ~80 GB of L2 traffic at 32k x 32k, more than the arithmetic takes. Here the extra
+    traffic is the workspace (write once, read twice: 6 bytes per entry of S, ~6 GB at
+    32k x 32k) plus one fp32 (N, D) addition per strip."""
+    M, D = a.shape
+    N = b.shape[0]
+    cfg = block_config(a.dtype, D, "strip", is_aligned(a, b))
+    p_scale = p_scale_for(min(M, N))
+    rows = strip_rows(M, N, cfg["BLOCK_M"])
+    workspace = torch.empty((2 if split else 1, rows, N), device=a.device, dtype=a.dtype)  # (1|2, R, N)
+    grad_a = torch.empty(M, D, device=a.device, dtype=torch.float32)
+    grad_b = None
+    g_dots = []
+    for start in range(0, M, rows):
+        r = min(rows, M - start)
+        grid = (triton.cdiv(r, cfg["BLOCK_M"]), triton.cdiv(N, cfg["BLOCK_N"]))
+        g_dot = torch.empty(grid[0] * grid[1], device=a.device, dtype=torch.float32)
+        _grad_strip_kernel[grid](
+            a, b, row_lse, col_lse, workspace[0], workspace[-1], g_dot, scale,
+            bias if bias is not None else scale, p_scale, diag_offset,
+            start, r, M, N, D, a.stride(0), b.stride(0),
+            HAS_BIAS=bias is not None, SPLIT=split,
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+            INPUT_PRECISION=_input_precision(a.dtype), WIDEN=_widen(a),
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
+        g_row, g_col = workspace[0, :r], workspace[-1, :r]
+        grad_a[start : start + r] = _mm_fp32(g_row, b)
+        contribution = _mm_fp32(g_col.t(), a[start : start + r])  # (N, D)
+        grad_b = contribution if grad_b is None else grad_b.add_(contribution)
+        g_dots.append(g_dot)
+    inv = 1.0 / p_scale
+    return grad_a.mul_(inv), grad_b.mul_(inv), torch.cat(g_dots).sum()
 
 
 # ----------------------------------------------------------------------------- AOT
@@ -433,4 +596,30 @@ def aot_configs() -> list[KernelConfig]:
                         aligned=_ALIGNED_ARGS + ("grad_a_ptr", "grad_b_ptr") if aligned else (),
                     )
                 )
+        if dtype != torch.float32:
+            for dim, aligned in variants:
+                strip = block_config(dtype, dim, "strip", aligned)
+                for split in (False, True):
+                    configs.append(
+                        KernelConfig(
+                            name=f"contrastive_grad_strip[{name},BK={strip['BLOCK_K']}"
+                            + (",split" if split else "") + (",aligned" if aligned else "") + "]",
+                            fn=_grad_strip_kernel,
+                            signature={
+                                "a_ptr": f"*{name}", "b_ptr": f"*{name}", "row_lse_ptr": "*fp32",
+                                "col_lse_ptr": "*fp32", "g_ptr": f"*{name}", "g_col_ptr": f"*{name}",
+                                "g_dot_ptr": "*fp32", "scale_ptr": "*fp32", "bias_ptr": "*fp32", "p_scale": "fp32",
+                                "diag_offset": "i32", "row_start": "i32", "R": "i32", "M": "i32", "N": "i32",
+                                "D": "i32", "stride_am": "i32", "stride_bn": "i32", "HAS_BIAS": "constexpr",
+                                "SPLIT": "constexpr", "BLOCK_M": "constexpr", "BLOCK_N": "constexpr",
+                                "BLOCK_K": "constexpr", "INPUT_PRECISION": "constexpr", "WIDEN": "constexpr",
+                            },
+                            constexprs=dict(
+                                HAS_BIAS=True, SPLIT=split, BLOCK_M=strip["BLOCK_M"], BLOCK_N=strip["BLOCK_N"],
+                                BLOCK_K=strip["BLOCK_K"], INPUT_PRECISION=_input_precision(dtype), WIDEN=False,
+                            ),
+                            num_warps=strip["num_warps"], num_stages=strip["num_stages"], uses_tensor_cores=True,
+                            aligned=_ALIGNED_ARGS + ("g_ptr", "g_col_ptr", "N") if aligned else (),
+                        )
+                    )
     return configs

@@ -62,10 +62,16 @@ def test_autocast_features_and_fp32_scale():
 
 @pytest.mark.parametrize("split", [False, True])
 @pytest.mark.parametrize("deterministic", [False, True])
-@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
-def test_rectangular_shard_gradients_on_gpu(split, deterministic, dtype):
-    """The distributed loss's (b x B) row block with a label offset, in every backward mode."""
+@pytest.mark.parametrize("dtype,backward", [(torch.float32, "fused"), (torch.bfloat16, "fused"), (torch.bfloat16, "strips")])
+def test_rectangular_shard_gradients_on_gpu(monkeypatch, split, deterministic, dtype, backward):
+    """The distributed loss's (b x B) row block with a label offset, in every backward mode
+    (the strip backward over several strips: its cuBLAS GEMMs only run on a GPU)."""
+    from clip_fast.kernels import contrastive
     from clip_fast.loss import logit_grads, lse_stats
+
+    monkeypatch.setenv("CLIP_FAST_CONTRASTIVE_BACKWARD", backward)
+    monkeypatch.setattr(contrastive, "STRIP_MIN_ROWS", 128)
+    monkeypatch.setattr(contrastive, "STRIP_ENTRIES", 300 * 4000)  # 384-row strips, ragged last
 
     M, N, D, offset = 1000, 4000, 512, 2000
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -87,3 +93,14 @@ def test_rectangular_shard_gradients_on_gpu(split, deterministic, dtype):
     torch.testing.assert_close(g_text.double(), g_row @ text.double(), rtol=0, atol=tol * (g_row.abs() @ text.double().abs()).max().item())
     torch.testing.assert_close(g_image.double(), g_col.T @ image.double(), rtol=0, atol=tol * (g_col.abs().T @ image.double().abs()).max().item())
     torch.testing.assert_close(g_dot.double(), (g_row * dots).sum(), rtol=0, atol=1e-4 * (g_row.abs() * dots.abs()).sum().item())
+
+
+def test_strip_backward_is_bitwise_reproducible_and_the_default_at_scale():
+    from clip_fast.kernels import contrastive
+
+    image, text = make_inputs(8192, 512, torch.bfloat16, normalized=True, device="cuda")
+    assert contrastive.prefer_strips(image, 8192, 8192)
+    first = loss_and_grads(ContrastiveLoss(), image, text, 50.0, None)
+    second = loss_and_grads(ContrastiveLoss(), image, text, 50.0, None)
+    for a, b in zip([first[0]] + first[1][:3], [second[0]] + second[1][:3]):
+        assert torch.equal(a, b)

@@ -107,3 +107,62 @@ def test_triton_backend_is_what_ran(monkeypatch):
     image, text = make_inputs(4, 4, torch.float32, normalized=True)
     ContrastiveLoss()(image, text, torch.tensor(2.0))
     assert calls == [1]
+
+
+@pytest.mark.parametrize("M,N,D,offset", [(70, 150, 40, 3), (150, 70, 24, -60), (1, 1, 1, 0)])
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("split", [False, True])
+def test_strip_backward_matches_dense_math_and_fused_kernel(monkeypatch, M, N, D, offset, dtype, split):
+    """The strip backward (Triton G strips + GEMMs) over several strips with a ragged last
+    one: the same G products as fp64 math, and as the fused kernel to bf16 rounding."""
+    monkeypatch.setattr(contrastive, "STRIP_ENTRIES", 1)
+    monkeypatch.setattr(contrastive, "STRIP_MIN_ROWS", 1)  # one 64-row tile per strip
+    g = torch.Generator().manual_seed(M + N + D)
+    image = torch.nn.functional.normalize(torch.randn(M, D, generator=g), dim=-1).to(dtype)
+    text = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=-1).to(dtype)
+    scale, bias = torch.tensor([20.0]), torch.tensor([-2.0])
+    row, col = contrastive.lse_forward(image, text, scale, bias)
+    logits = 20.0 * image.double() @ text.double().T - 2.0
+    labels = torch.zeros_like(logits)
+    for i in range(M):
+        if 0 <= i + offset < N:
+            labels[i, i + offset] = 1.0
+    p_row = (logits - row.double()[:, None]).exp()
+    p_col = (logits - col.double()[None, :]).exp()
+    g_row = p_row - labels if split else p_row + p_col - 2 * labels
+    g_col = p_col - labels if split else g_row
+    dots = image.double() @ text.double().T
+    strips = contrastive.grad_backward(image, text, scale, bias, row, col, offset, split=split, strips=True)
+    fused = contrastive.grad_backward(image, text, scale, bias, row, col, offset, split=split, strips=False)
+    expected = (g_row @ text.double(), g_col.T @ image.double(), (g_row * dots).sum())
+    # G is rounded to the input dtype before the products, in both implementations
+    bounds = (
+        (g_row.abs() @ text.double().abs()).max().item(),
+        (g_col.abs().T @ image.double().abs()).max().item(),
+        (g_row.abs() * dots.abs()).sum().item() * 1e-3,  # reduced from fp32 G
+    )
+    for name, ours, theirs, ref, bound in zip(("G@T", "G.T@I", "g_dot"), strips, fused, expected, bounds):
+        torch.testing.assert_close(ours.double(), ref, rtol=0, atol=1e-2 * max(bound, 1e-3), msg=name)
+        torch.testing.assert_close(ours, theirs, rtol=0, atol=1e-2 * max(bound, 1e-3), msg=name)
+
+
+def test_strip_backward_loss_matches_open_clip(monkeypatch):
+    """ContrastiveLoss end to end with CLIP_FAST_CONTRASTIVE_BACKWARD=strips."""
+    monkeypatch.setenv("CLIP_FAST_CONTRASTIVE_BACKWARD", "strips")
+    monkeypatch.setattr(contrastive, "STRIP_MIN_ROWS", 64)
+    monkeypatch.setattr(contrastive, "STRIP_ENTRIES", 64 * 130)  # 3 strips of a 130 x 130 S
+    image, text = make_inputs(130, 48, torch.bfloat16, normalized=True)
+    loss, grads = loss_and_grads(ContrastiveLoss(), image, text, 30.0, -1.0)
+    oc_loss, oc_grads = loss_and_grads(open_clip_loss, image, text, 30.0, -1.0)
+    ref_loss, ref_grads = loss_and_grads(open_clip_loss, image, text, 30.0, -1.0, dtype=torch.float64)
+    mags = term_magnitudes(image, text, 30.0)
+    assert_matches(loss, oc_loss, ref_loss, 1e-6, "loss", mags[0])
+    for name, g, oc, ref, mag in zip(("d_image", "d_text", "d_scale"), grads, oc_grads, ref_grads, mags[1:]):
+        assert_matches(g, oc, ref, blockwise_floor(1e-6, mags[0]), name, mag)
+
+
+def test_strip_backward_refuses_fp32():
+    image = torch.randn(4, 16)
+    row, col = contrastive.lse_forward(image, image, torch.tensor([1.0]), None)
+    with pytest.raises(ValueError, match="bf16/fp16"):
+        contrastive.grad_backward(image, image, torch.tensor([1.0]), None, row, col, strips=True)
