@@ -84,10 +84,46 @@ def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
 
     `(x / 255 - mean) / std` folded into one multiply-add per element, computed in fp32.
     """
-    scale = torch.tensor([1.0 / (255.0 * s) for s in CLIP_STD], device=images.device).view(1, 3, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(CLIP_MEAN, CLIP_STD)], device=images.device).view(1, 3, 1, 1)
+    scale, shift = _scale_shift(images.device)
+    if images.device.type == "cpu":  # image by image, cache-resident (see _Normalizer)
+        out = torch.empty((images.shape[0], 3, *images.shape[1:3]), dtype=dtype)
+        norm = _Normalizer(out)
+        for i, image in enumerate(images):
+            norm(i, image)
+        return out
     x = images.permute(0, 3, 1, 2).float()  # (B, 3, H, W), channels-last strides
     return torch.addcmul(shift, x, scale).to(dtype).contiguous()
+
+
+def _scale_shift(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """(3, 1, 1) fp32 factors of `x * scale + shift` = (x / 255 - mean) / std."""
+    scale = torch.tensor([1.0 / (255.0 * s) for s in CLIP_STD], device=device).view(3, 1, 1)
+    shift = torch.tensor([-m / s for m, s in zip(CLIP_MEAN, CLIP_STD)], device=device).view(3, 1, 1)
+    return scale, shift
+
+
+class _Normalizer:
+    """Writes CLIP-normalised images into `out` (B, 3, S, S) one at a time, on CPU.
+
+    Per image, the uint8 -> fp32 conversion and the multiply-add run on a (3, S, S) tile
+    that stays in cache (600 KB at 224 px), and the batch-sized output is written once.
+    Measured at 224 px: 0.36 ms per image against 1.1 ms for the batched permute / float /
+    addcmul / contiguous chain, which makes several passes over the whole batch.
+    """
+
+    def __init__(self, out: torch.Tensor) -> None:
+        self.out = out
+        self.scale, self.shift = _scale_shift(out.device)
+        # Non-fp32 outputs are computed in an fp32 staging tile, then cast.
+        self.tmp = None if out.dtype == torch.float32 else torch.empty(out.shape[1:])
+
+    def __call__(self, i: int, image: torch.Tensor) -> None:
+        """out[i] = normalised `image`, uint8 (S, S, 3) (any strides)."""
+        dst = self.out[i] if self.tmp is None else self.tmp
+        dst.copy_(image.permute(2, 0, 1))  # uint8 (S, S, 3) -> fp32 (3, S, S)
+        torch.addcmul(self.shift, dst, self.scale, out=dst)
+        if self.tmp is not None:
+            self.out[i].copy_(self.tmp)
 
 
 # ----------------------------------------------------------------- PIL transforms (torch path)
@@ -406,19 +442,14 @@ class DaliShardLoader(ShardLoader):
     def _cpu_batch(self, images_dali, k: int) -> torch.Tensor:
         """First k decoded samples (uint8 HWC, varying sizes) -> normalised (k, 3, S, S).
 
-        One sample at a time, so the uint8 -> fp32 conversion and the multiply-add run on
-        a (3, S, S) tile that stays in cache (600 KB at 224 px); the only pass over the
-        batch-sized output is the first write of each tile. (Normalising the uint8 batch
-        afterwards with `normalize` cost 1.1 ms per 224 px image, this 0.36 ms.) torch runs
+        Each sample is resampled and normalised while it is in cache. torch runs
         single-threaded here: DALI's threads keep the cores busy decoding the next batches,
         and an OpenMP team whose second thread waits for a busy core made these small ops
         6x slower (measured on 2 cores).
         """
         s = self.image_size
-        scale = torch.tensor([1.0 / (255.0 * v) for v in CLIP_STD]).view(3, 1, 1)
-        shift = torch.tensor([-m / v for m, v in zip(CLIP_MEAN, CLIP_STD)]).view(3, 1, 1)
         out = torch.empty((k, 3, s, s), dtype=self.dtype)
-        tmp = None if self.dtype == torch.float32 else torch.empty((3, s, s))  # fp32 staging tile
+        norm = _Normalizer(out)
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
@@ -432,11 +463,7 @@ class DaliShardLoader(ShardLoader):
                     if (nw, nh) != (x.shape[1], x.shape[0]):
                         x = resize_uint8(x, nw, nh)
                     x = x[top : top + s, left : left + s]
-                dst = out[i] if tmp is None else tmp
-                dst.copy_(x.permute(2, 0, 1))  # uint8 (S, S, 3) -> fp32 (3, S, S)
-                torch.addcmul(shift, dst, scale, out=dst)  # as normalize(): x * scale + shift
-                if tmp is not None:
-                    out[i].copy_(tmp)
+                norm(i, x)
         finally:
             torch.set_num_threads(threads)
         return out
