@@ -133,6 +133,25 @@ def _lse_forward_kernel(
 
 
 @triton.jit
+def _grad_tile(s2, row_lse2, col_lse2, rows, cols, in_bounds, diag_offset, SPLIT: tl.constexpr):
+    """fp32 G of one tile from S * log2(e), zero outside the problem: (G, G) with
+    G = P_row + P_col - 2E, or (G_row, G_col) = (P_row - E, P_col - E) when SPLIT. The
+    label term is subtracted here, in fp32, before any rounding: when the model is
+    confident P[i, i] is close to 1 and the gradient is the small difference."""
+    is_label = cols[None, :] == rows[:, None] + diag_offset
+    if SPLIT:
+        g = tl.exp2(s2 - row_lse2[:, None])
+        g = tl.where(in_bounds, tl.where(is_label, g - 1.0, g), 0.0)
+        g_col = tl.exp2(s2 - col_lse2[None, :])
+        g_col = tl.where(in_bounds, tl.where(is_label, g_col - 1.0, g_col), 0.0)
+    else:
+        g = tl.exp2(s2 - row_lse2[:, None]) + tl.exp2(s2 - col_lse2[None, :])
+        g = tl.where(in_bounds, tl.where(is_label, g - 2.0, g), 0.0)
+        g_col = g
+    return g, g_col
+
+
+@triton.jit
 def _grad_backward_kernel(
     a_ptr,          # (M, D) features whose rows this program owns
     b_ptr,          # (N, D) the other side's features
@@ -175,26 +194,15 @@ def _grad_backward_kernel(
             BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, WIDEN,
         )
         s2 = dots * scale_log2e + bias_log2e
-        is_label = cols[None, :] == rows[:, None] + diag_offset
         in_bounds = row_valid[:, None] & col_valid[None, :]
-        if SPLIT:
-            p = tl.exp2(s2 - row_lse2[:, None])
-            p = tl.where(in_bounds, tl.where(is_label, p - 1.0, p), 0.0)
-            p_col = tl.exp2(s2 - col_lse2[None, :])
-            p_col = tl.where(in_bounds, tl.where(is_label, p_col - 1.0, p_col), 0.0)
-        else:
-            p = tl.exp2(s2 - row_lse2[:, None]) + tl.exp2(s2 - col_lse2[None, :])
-            p = tl.where(in_bounds, tl.where(is_label, p - 2.0, p), 0.0)
+        p, p_col = _grad_tile(s2, row_lse2, col_lse2, rows, cols, in_bounds, diag_offset, SPLIT)
         # The logit-scale gradient, sum G * dots, from fp32 G: a reduction of the
         # rounded copy below would carry bf16's 2^-9 error into d(logit_scale).
         g_dot += tl.sum(tl.sum(p * dots, axis=1), axis=0)
         # G is in [-2, 2] with entries ~1/N: p_scale (~N, capped at 2^14) keeps them in
         # fp16's normal range so the G@B products run on tensor cores in the input dtype.
         p_lo = (p * p_scale).to(a_ptr.dtype.element_ty)
-        if SPLIT:
-            p_col_lo = (p_col * p_scale).to(a_ptr.dtype.element_ty)
-        else:
-            p_col_lo = p_lo
+        p_col_lo = (p_col * p_scale).to(a_ptr.dtype.element_ty) if SPLIT else p_lo
         for d_start in range(0, D, BLOCK_D):
             d = d_start + offs_d
             d_valid = d < D
@@ -265,17 +273,8 @@ def _grad_strip_kernel(
         BLOCK_M, BLOCK_N, BLOCK_K, INPUT_PRECISION, WIDEN,
     )
     s2 = dots * scale_log2e + bias_log2e
-    is_label = cols[None, :] == rows[:, None] + diag_offset
-    # Label term and the logit-scale reduction in fp32, before G is rounded (see the
-    # fused kernel above for why).
-    if SPLIT:
-        g = tl.exp2(s2 - row_lse2[:, None])
-        g = tl.where(in_bounds, tl.where(is_label, g - 1.0, g), 0.0)
-        g_col = tl.exp2(s2 - col_lse2[None, :])
-        g_col = tl.where(in_bounds, tl.where(is_label, g_col - 1.0, g_col), 0.0)
-    else:
-        g = tl.exp2(s2 - row_lse2[:, None]) + tl.exp2(s2 - col_lse2[None, :])
-        g = tl.where(in_bounds, tl.where(is_label, g - 2.0, g), 0.0)
+    # the logit-scale reduction from fp32 G, before G is rounded (as in the fused kernel)
+    g, g_col = _grad_tile(s2, row_lse2, col_lse2, rows, cols, in_bounds, diag_offset, SPLIT)
     tl.store(g_dot_ptr + pid_m * tl.num_programs(1) + pid_n, tl.sum(tl.sum(g * dots, axis=1), axis=0))
     # int64 offsets: a strip may hold more than 2^31 entries at very large N
     offsets = local_rows.to(tl.int64)[:, None] * N + cols[None, :]
