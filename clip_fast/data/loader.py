@@ -84,13 +84,13 @@ def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
 
     `(x / 255 - mean) / std` folded into one multiply-add per element, computed in fp32.
     """
-    scale, shift = _scale_shift(images.device)
     if images.device.type == "cpu":  # image by image, cache-resident (see _Normalizer)
         out = torch.empty((images.shape[0], 3, *images.shape[1:3]), dtype=dtype)
         norm = _Normalizer(out)
         for i, image in enumerate(images):
             norm(i, image)
         return out
+    scale, shift = _scale_shift(images.device)  # (3, 1, 1)
     x = images.permute(0, 3, 1, 2).float()  # (B, 3, H, W), channels-last strides
     return torch.addcmul(shift, x, scale).to(dtype).contiguous()
 
@@ -355,7 +355,7 @@ class DaliShardLoader(ShardLoader):
     training only the random crop's window: ROI decode), and the resample to S x S and the
     normalisation run in torch on the iterating thread, overlapped with DALI's threads
     decoding the next batches. DALI's CPU resampler costs ~3.1 ms per 400x300 -> 224
-    bicubic antialiased image, 4x its JPEG decode and 10x torch's uint8 kernel with the same
+    bicubic antialiased image, 4x its JPEG decode and 10x torch's uint8 kernel with Pillow's
     filter (see `resize_uint8`), so a pipeline resampling in DALI is slower than PIL
     DataLoader workers (README "Data" has the per-stage numbers).
     """
