@@ -48,7 +48,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from clip_fast.loss import lse_stats, logit_grads
+from clip_fast.loss import logit_grads, lse_stats, rowwise_dot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -127,7 +127,7 @@ class ShardedContrastiveFunction(torch.autograd.Function):
 
         row_lse, col_part = lse_stats(image, text_all, scale, bias)  # (b,), (B,) over my rows
         cd = row_lse.dtype
-        diag = torch.einsum("bd,bd->b", image.to(cd), text.to(cd)) * scale.to(cd).reshape(())  # (b,) S_ii
+        diag = rowwise_dot(image.to(cd), text.to(cd)) * scale.to(cd).reshape(())  # (b,) S_ii
         if bias is not None:
             diag = diag + bias.to(cd).reshape(())
         row_term = (row_lse - diag).sum()
@@ -221,7 +221,7 @@ def _local_no_grad_backward(image, text, scale, bias, text_all, row_lse, col_lse
         image, text_all, scale, bias, row_lse, col_lse, r0, spec.deterministic, split=True
     )
     # per column j: sum_k G_col[k, j] (I_k . T_j) = T_j . (G_col.T @ I)_j rides along as column D
-    col_dot = torch.einsum("nd,nd->n", g_image_col.to(cd), text_all.to(cd))
+    col_dot = rowwise_dot(g_image_col.to(cd), text_all.to(cd))
     summed = _reduce_scatter(torch.cat([g_image_col.to(cd), col_dot[:, None]], dim=1), spec)  # (b, D+1)
     coef = g / (2 * b)
     d_image = g_text_row.to(cd) * (coef * s)

@@ -23,9 +23,9 @@ from torch import nn
 from clip_fast._backend import contrastive_backward, use_triton
 from clip_fast._checks import as_scalar, check_feature_pair
 
-# Elements of one (chunk x N) block of S on the CPU path: 2^24 fp32 = 64 MiB. Backward
+# Elements of one (chunk x N) block of S on the CPU path: 2^23 fp32 = 32 MiB. Backward
 # holds two such blocks, forward one plus logsumexp's temporary.
-CPU_BLOCK_ELEMENTS = 1 << 24
+CPU_BLOCK_ELEMENTS = 1 << 23
 
 
 # ----------------------------------------------------------------------------- CPU path
@@ -33,6 +33,12 @@ CPU_BLOCK_ELEMENTS = 1 << 24
 
 def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
     return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+def rowwise_dot(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """(a * b).sum(-1) for (n, D) tensors without an (n, D) temporary (n 1 x D x 1
+    batched products; einsum and mul+sum both materialise one)."""
+    return torch.bmm(a.unsqueeze(1), b.unsqueeze(2)).view(-1)
 
 
 def _row_chunk(n_cols: int) -> int:
@@ -56,8 +62,11 @@ def _block_lse(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.logsumexp(logits, dim=1), torch.logsumexp(logits, dim=0)
 
 
-def _block_grad(logits: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor) -> torch.Tensor:
-    """exp(S - row_lse[:, None]) + exp(S - col_lse[None, :]) of one block, destroying S.
+def _block_grad(
+    logits: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor, work: torch.Tensor
+) -> torch.Tensor:
+    """exp(S - row_lse[:, None]) + exp(S - col_lse[None, :]) of one block, in `work` (a
+    buffer of S's shape), destroying S.
 
     Both lse bound the block's logits from above. When they span less than
     _SHARED_SHIFT_RANGE, every entry that matters (>= 2^-24 of its softmax) has
@@ -65,10 +74,24 @@ def _block_grad(logits: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tens
     times (u_i + v_j) with u = exp(top - row_lse), v = exp(top - col_lse)."""
     top = row_lse.max()
     if top - row_lse.min() < _SHARED_SHIFT_RANGE and top - col_lse.min() < _SHARED_SHIFT_RANGE:
-        weight = torch.add((top - row_lse).exp_()[:, None], (top - col_lse).exp_()[None, :])
-        return weight.mul_(logits.sub_(top).exp_())
-    grad = torch.sub(logits, row_lse[:, None]).exp_()
-    return grad.add_(logits.sub_(col_lse).exp_())
+        torch.add((top - row_lse).exp_()[:, None], (top - col_lse).exp_()[None, :], out=work)
+        return work.mul_(logits.sub_(top).exp_())
+    torch.sub(logits, row_lse[:, None], out=work).exp_()
+    return work.add_(logits.sub_(col_lse).exp_())
+
+
+def _block_softmaxes(
+    logits: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor, work: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp(S - row_lse[:, None]) in S's storage and exp(S - col_lse[None, :]) in `work`,
+    with one exponential when the shared shift applies (as above)."""
+    top = row_lse.max()
+    if top - row_lse.min() < _SHARED_SHIFT_RANGE and top - col_lse.min() < _SHARED_SHIFT_RANGE:
+        shifted = logits.sub_(top).exp_()
+        torch.mul(shifted, (top - col_lse).exp_()[None, :], out=work)
+        return shifted.mul_((top - row_lse).exp_()[:, None]), work
+    torch.sub(logits, col_lse[None, :], out=work).exp_()
+    return logits.sub_(row_lse[:, None]).exp_(), work
 
 
 def _torch_lse_stats(
@@ -76,16 +99,20 @@ def _torch_lse_stats(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     cd = _compute_dtype(image.dtype)
     image, text = image.to(cd), text.to(cd)
-    # The scale multiplies the (M, D) operand, not each (chunk, N) block; the bias
-    # shifts every logit equally, so it is added to the statistics instead.
-    scaled_image = image * scale.to(cd)
+    # The scale multiplies each chunk's (chunk, D) rows, not its (chunk, N) block; the
+    # bias shifts every logit equally, so it is added to the statistics instead.
+    s = scale.to(cd)
     M, N = image.shape[0], text.shape[0]
     row_lse = torch.empty(M, dtype=cd, device=image.device)
     col_lse = torch.full((N,), float("-inf"), dtype=cd, device=image.device)
     text_t = text.t()
-    chunk = _row_chunk(N)
+    chunk = min(_row_chunk(N), M)
+    # One block buffer for every chunk: a fresh 32 MB tensor per chunk costs its page
+    # faults (measured: a 1024 x 16384 matmul takes 76 ms into new memory, 58 ms reused).
+    block = torch.empty(chunk, N, dtype=cd, device=image.device)
     for start in range(0, M, chunk):
-        logits = torch.mm(scaled_image[start : start + chunk], text_t)  # (chunk, N) S - bias
+        rows = image[start : start + chunk] * s  # (chunk, D): the scale on the small operand
+        logits = torch.mm(rows, text_t, out=block[: rows.shape[0]])  # (chunk, N) S - bias
         row_block, col_block = _block_lse(logits)
         row_lse[start : start + chunk] = row_block
         col_lse = torch.logaddexp(col_lse, col_block)
@@ -93,20 +120,6 @@ def _torch_lse_stats(
         row_lse += bias.to(cd)
         col_lse += bias.to(cd)
     return row_lse, col_lse
-
-
-def _block_softmaxes(
-    logits: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """exp(S - row_lse[:, None]) and exp(S - col_lse[None, :]) of one block, the
-    first in S's storage; one exponential when the shared shift applies (as above)."""
-    top = row_lse.max()
-    if top - row_lse.min() < _SHARED_SHIFT_RANGE and top - col_lse.min() < _SHARED_SHIFT_RANGE:
-        shifted = logits.sub_(top).exp_()
-        col_soft = shifted * (top - col_lse).exp_()[None, :]
-        return shifted.mul_((top - row_lse).exp_()[:, None]), col_soft
-    col_soft = torch.sub(logits, col_lse[None, :]).exp_()
-    return logits.sub_(row_lse[:, None]).exp_(), col_soft
 
 
 def _torch_logit_grads(
@@ -121,7 +134,7 @@ def _torch_logit_grads(
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     cd = _compute_dtype(image.dtype)
     image, text = image.to(cd), text.to(cd)
-    scaled_image = image * scale.to(cd)
+    s = scale.to(cd)
     # exp(S - lse) = exp((S - bias) - (lse - bias)): blocks are computed without the bias.
     row_lse, col_lse = row_lse.to(cd), col_lse.to(cd)
     if bias is not None:
@@ -130,21 +143,23 @@ def _torch_logit_grads(
     g_text = torch.empty(M, text.shape[1], dtype=cd, device=image.device)
     g_image = torch.zeros(N, image.shape[1], dtype=cd, device=image.device)
     text_t = text.t()
-    chunk = _row_chunk(N)
+    chunk = min(_row_chunk(N), M)
+    block, work = torch.empty(2, chunk, N, dtype=cd, device=image.device)  # reused by every chunk
     for start in range(0, M, chunk):
         rows = slice(start, start + chunk)
-        logits = torch.mm(scaled_image[rows], text_t)  # (chunk, N)
+        n = min(chunk, M - start)
+        logits = torch.mm(image[rows] * s, text_t, out=block[:n])  # (chunk, N)
         if split:
-            g_row, g_col = _block_softmaxes(logits, row_lse[rows], col_lse)
+            g_row, g_col = _block_softmaxes(logits, row_lse[rows], col_lse, work[:n])
             g_row.diagonal(start + diag_offset).sub_(1.0)
             g_col.diagonal(start + diag_offset).sub_(1.0)
         else:
-            g_row = g_col = _block_grad(logits, row_lse[rows], col_lse)
+            g_row = g_col = _block_grad(logits, row_lse[rows], col_lse, work[:n])
             g_row.diagonal(start + diag_offset).sub_(2.0)  # labels (empty view when off this chunk)
         torch.mm(g_row, text, out=g_text[rows])
         g_image.addmm_(g_col.t(), image[rows])
     # sum_ij G[i,j] (I[i] . T[j]) = sum_i I[i] . (G @ T)[i]: O(M*D), no pass over S.
-    return g_text, g_image, torch.einsum("md,md->", image, g_text)
+    return g_text, g_image, rowwise_dot(image, g_text).sum()
 
 
 # ----------------------------------------------------------------------------- dispatch
@@ -220,7 +235,7 @@ class _ContrastiveLossFunction(torch.autograd.Function):
     def forward(ctx, image, text, scale, bias, deterministic):
         row_lse, col_lse = lse_stats(image, text, scale, bias)
         cd = row_lse.dtype
-        diag_dot = torch.einsum("bd,bd->b", image.to(cd), text.to(cd))  # (B,) I[i] . T[i]
+        diag_dot = rowwise_dot(image.to(cd), text.to(cd))  # (B,) I[i] . T[i]
         diag = diag_dot * scale.to(cd).reshape(())
         if bias is not None:
             diag = diag + bias.to(cd).reshape(())
@@ -335,4 +350,4 @@ def reference_clip_loss(
     ) / 2
 
 
-__all__ = ["ContrastiveLoss", "lse_stats", "logit_grads", "reference_clip_loss"]
+__all__ = ["ContrastiveLoss", "lse_stats", "logit_grads", "reference_clip_loss", "rowwise_dot"]

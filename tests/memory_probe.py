@@ -4,7 +4,7 @@
 
 Prints a JSON line: peak_extra_bytes (peak RSS during the call minus RSS before it,
 with the kernel's high-water mark reset through /proc/self/clear_refs) and the loss.
-BLOCK_ELEMENTS overrides the CPU path's block of S (default 2^24 elements), so a small
+BLOCK_ELEMENTS overrides the CPU path's block of S (default 2^23 elements), so a small
 batch can show the difference between O(block) and O(B^2) growth.
 """
 import json
