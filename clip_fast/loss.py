@@ -20,7 +20,7 @@ from typing import Union
 import torch
 from torch import nn
 
-from clip_fast._backend import contrastive_backward, use_triton
+from clip_fast._backend import contrastive_backward, requested_backend, use_triton
 from clip_fast._checks import as_scalar, check_feature_pair
 
 # Elements of one (chunk x N) block of S on the CPU path: 2^23 fp32 = 32 MiB. Backward
@@ -51,7 +51,7 @@ def _row_chunk(n_cols: int) -> int:
 _SHARED_SHIFT_RANGE = 64.0
 
 
-def _block_lse(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def _torch_block_lse(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """Row and column logsumexp of one block, destroying it."""
     row_max, col_max = logits.amax(dim=1), logits.amax(dim=0)
     top = row_max.max()
@@ -62,7 +62,7 @@ def _block_lse(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return torch.logsumexp(logits, dim=1), torch.logsumexp(logits, dim=0)
 
 
-def _block_grad(
+def _torch_block_grad(
     logits: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor, work: torch.Tensor
 ) -> torch.Tensor:
     """exp(S - row_lse[:, None]) + exp(S - col_lse[None, :]) of one block, in `work` (a
@@ -80,7 +80,7 @@ def _block_grad(
     return work.add_(logits.sub_(col_lse).exp_())
 
 
-def _block_softmaxes(
+def _torch_block_softmaxes(
     logits: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor, work: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """exp(S - row_lse[:, None]) in S's storage and exp(S - col_lse[None, :]) in `work`,
@@ -92,6 +92,62 @@ def _block_softmaxes(
         return shifted.mul_((top - row_lse).exp_()[:, None]), work
     torch.sub(logits, col_lse[None, :], out=work).exp_()
     return logits.sub_(row_lse[:, None]).exp_(), work
+
+
+def _cpu_kernels(*tensors: torch.Tensor):
+    """torch.ops.clip_fast (the fused block kernels of csrc/contrastive_cpu.cpp) when they
+    apply to these tensors: fp32 CPU, contiguous blocks, extension built, and
+    CLIP_FAST_BACKEND not forcing the torch path. None otherwise (fp64 blocks, e.g.
+    gradcheck, always take the torch functions below)."""
+    if not all(t.device.type == "cpu" and t.dtype == torch.float32 and t.is_contiguous() for t in tensors):
+        return None
+    if requested_backend() == "torch":
+        return None
+    from clip_fast._ext import load_extension
+
+    return None if load_extension() is None else torch.ops.clip_fast
+
+
+# Each block function runs the C++ kernel when _cpu_kernels allows (one read of the block
+# for the maxima and one for exp with both sums forward, one read + write backward,
+# instead of ~6 and ~4 torch passes), else the torch function it mirrors: same shift
+# rule, same results up to fp32 rounding (tests/test_loss_cpu_kernels.py).
+
+
+def _block_lse(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Row and column logsumexp of one block, destroying it."""
+    ops = _cpu_kernels(logits)
+    if ops is None:
+        return _torch_block_lse(logits)
+    row_lse, col_lse, shared = ops.contrastive_block_lse(logits, _SHARED_SHIFT_RANGE)
+    if shared:
+        return row_lse, col_lse
+    # Wide range, NaN or inf (the kernel left the block intact): per-direction logsumexp.
+    return torch.logsumexp(logits, dim=1), torch.logsumexp(logits, dim=0)
+
+
+def _block_grad(
+    logits: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor, work: torch.Tensor
+) -> torch.Tensor:
+    """exp(S - row_lse[:, None]) + exp(S - col_lse[None, :]) of one block, destroying S;
+    in `work` (a buffer of S's shape) on the torch path, in S's own storage (returned)
+    with the kernel."""
+    ops = _cpu_kernels(logits, row_lse, col_lse)
+    if ops is None:
+        return _torch_block_grad(logits, row_lse, col_lse, work)
+    ops.contrastive_block_grad(logits, row_lse, col_lse, _SHARED_SHIFT_RANGE)
+    return logits
+
+
+def _block_softmaxes(
+    logits: torch.Tensor, row_lse: torch.Tensor, col_lse: torch.Tensor, work: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """exp(S - row_lse[:, None]) in S's storage and exp(S - col_lse[None, :]) in `work`."""
+    ops = _cpu_kernels(logits, row_lse, col_lse, work)
+    if ops is None:
+        return _torch_block_softmaxes(logits, row_lse, col_lse, work)
+    ops.contrastive_block_softmaxes(logits, work, row_lse, col_lse, _SHARED_SHIFT_RANGE)
+    return logits, work
 
 
 def _torch_lse_stats(
@@ -144,7 +200,11 @@ def _torch_logit_grads(
     g_image = torch.zeros(N, image.shape[1], dtype=cd, device=image.device)
     text_t = text.t()
     chunk = min(_row_chunk(N), M)
-    block, work = torch.empty(2, chunk, N, dtype=cd, device=image.device)  # reused by every chunk
+    block = torch.empty(chunk, N, dtype=cd, device=image.device)  # reused by every chunk
+    # The C++ kernel writes the non-split G over S itself; a second block is needed only
+    # by split mode and the torch functions.
+    in_place = not split and _cpu_kernels(block, row_lse, col_lse) is not None
+    work = block if in_place else torch.empty_like(block)
     for start in range(0, M, chunk):
         rows = slice(start, start + chunk)
         n = min(chunk, M - start)
