@@ -23,8 +23,9 @@ from torch import nn
 from clip_fast._backend import contrastive_backward, requested_backend, use_triton
 from clip_fast._checks import as_scalar, check_feature_pair
 
-# Elements of one (chunk x N) block of S on the CPU path: 2^23 fp32 = 32 MiB. Backward
-# holds two such blocks, forward one plus logsumexp's temporary.
+# Elements of one (chunk x N) block of S on the CPU path: 2^23 fp32 = 32 MiB. Forward holds
+# one such block; backward one with the C++ kernels (two in split mode and on the torch
+# path, plus logsumexp's temporary when the per-direction fallback runs).
 CPU_BLOCK_ELEMENTS = 1 << 23
 
 
