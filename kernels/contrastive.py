@@ -34,6 +34,7 @@ unnormalised feature can push S far beyond exp's fp32 range (~88.7).
 """
 from __future__ import annotations
 
+import functools
 import itertools
 
 import torch
@@ -423,6 +424,8 @@ def grad_backward(
     if strips:
         if a.dtype == torch.float32:
             raise ValueError("the strip backward (strips=True, CLIP_FAST_CONTRASTIVE_BACKWARD=strips) needs bf16/fp16 features, got float32")
+        if a.is_cuda and not mm_has_out_dtype():
+            raise RuntimeError(f"the strip backward needs torch.mm(..., out_dtype=) (torch >= 2.8); this is torch {torch.__version__}")
         return _grad_backward_strips(a, b, scale, bias, row_lse, col_lse, diag_offset, split)
     cfg = block_config(a.dtype, D, "bwd", is_aligned(a, b))
     p_scale = p_scale_for(min(M, N))
@@ -461,9 +464,24 @@ STRIP_ENTRIES = 1 << 27
 STRIP_MIN_ROWS = 1024
 
 
+@functools.lru_cache(maxsize=None)
+def mm_has_out_dtype() -> bool:
+    """Whether this torch's mm takes out_dtype (bf16/fp16 operands, fp32 result: torch
+    2.8+); the strip backward needs it for its cuBLAS products."""
+    probe = torch.empty(1, 1, dtype=torch.bfloat16, device="meta")
+    try:
+        torch.mm(probe, probe, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):
+        return False
+    return True
+
+
 def prefer_strips(a: torch.Tensor, M: int, N: int) -> bool:
     """Whether `grad_backward` runs the strip backward by default for these operands."""
-    return a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and M * N >= STRIP_MIN_ENTRIES
+    return (
+        a.is_cuda and a.dtype in (torch.bfloat16, torch.float16) and M * N >= STRIP_MIN_ENTRIES
+        and mm_has_out_dtype()
+    )
 
 
 def strip_rows(M: int, N: int, block_m: int) -> int:

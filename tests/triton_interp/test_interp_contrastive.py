@@ -166,3 +166,22 @@ def test_strip_backward_refuses_fp32():
     row, col = contrastive.lse_forward(image, image, torch.tensor([1.0]), None)
     with pytest.raises(ValueError, match="bf16/fp16"):
         contrastive.grad_backward(image, image, torch.tensor([1.0]), None, row, col, strips=True)
+
+
+def test_strip_backward_is_not_the_default_without_mm_out_dtype(monkeypatch):
+    """torch < 2.8 has no mm(out_dtype=): the CUDA default must fall back to the fused backward."""
+    real_mm = torch.mm
+
+    def old_mm(*args, **kwargs):
+        if "out_dtype" in kwargs:
+            raise TypeError("mm() got an unexpected keyword argument 'out_dtype'")
+        return real_mm(*args, **kwargs)
+
+    contrastive.mm_has_out_dtype.cache_clear()
+    monkeypatch.setattr(torch, "mm", old_mm)
+    try:
+        assert not contrastive.mm_has_out_dtype()
+    finally:
+        contrastive.mm_has_out_dtype.cache_clear()
+    monkeypatch.undo()
+    assert contrastive.mm_has_out_dtype()
