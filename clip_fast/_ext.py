@@ -17,6 +17,7 @@ import functools
 import glob
 import hashlib
 import os
+import sys
 from pathlib import Path
 from types import ModuleType
 
@@ -50,13 +51,18 @@ def _jit_build() -> ModuleType:
     sources = sorted(glob.glob(str(csrc_dir() / "*.cpp")))
     if not sources:
         raise FileNotFoundError(f"no C++ sources in {csrc_dir()}")
+    build_dir = _build_dir(sources)
+    if not (build_dir / "clip_fast_C.so").exists():
+        # the first use on a machine compiles for ~40 s (2 cores): say so instead of hanging silently
+        print(f"clip_fast: compiling the C++ extension once (about a minute), cached in {build_dir}",
+              file=sys.stderr, flush=True)
     return load(
         name="clip_fast_C",
         sources=sources,
         extra_cflags=CFLAGS,
         extra_ldflags=LDFLAGS,
         extra_include_paths=[str(csrc_dir())],
-        build_directory=str(_build_dir(sources)),
+        build_directory=str(build_dir),
         verbose=False,
     )
 
