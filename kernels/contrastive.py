@@ -76,6 +76,17 @@ def _dot_tile(
 
 
 @triton.jit
+def _logit_affine_log2(scale_ptr, bias_ptr, HAS_BIAS: tl.constexpr):
+    """(scale, bias) * log2(e), read on device (no host sync): S * log2(e) = dots *
+    scale_log2e + bias_log2e feeds exp2/log2, the native MUFU instructions."""
+    scale_log2e = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
+    bias_log2e = 0.0
+    if HAS_BIAS:
+        bias_log2e = tl.load(bias_ptr).to(tl.float32) * 1.4426950408889634
+    return scale_log2e, bias_log2e
+
+
+@triton.jit
 def _lse_forward_kernel(
     a_ptr,          # (M, D) image features, unit stride along D
     b_ptr,          # (N, D) text features, unit stride along D
@@ -92,10 +103,7 @@ def _lse_forward_kernel(
 ):
     pid = tl.program_id(0)
     num_programs = tl.num_programs(0)
-    scale_log2e = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
-    bias_log2e = 0.0
-    if HAS_BIAS:
-        bias_log2e = tl.load(bias_ptr).to(tl.float32) * 1.4426950408889634
+    scale_log2e, bias_log2e = _logit_affine_log2(scale_ptr, bias_ptr, HAS_BIAS)
     offs_m = tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
     col_part_row = col_part_ptr + pid.to(tl.int64) * N
@@ -176,10 +184,7 @@ def _grad_backward_kernel(
     WIDEN: tl.constexpr,  # interpreter only: widen bf16 dot operands (see common.dot)
 ):
     pid = tl.program_id(0)
-    scale_log2e = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
-    bias_log2e = 0.0
-    if HAS_BIAS:
-        bias_log2e = tl.load(bias_ptr).to(tl.float32) * 1.4426950408889634
+    scale_log2e, bias_log2e = _logit_affine_log2(scale_ptr, bias_ptr, HAS_BIAS)
     rows = pid * BLOCK_M + tl.arange(0, BLOCK_M)
     row_valid = rows < M
     offs_n = tl.arange(0, BLOCK_N)
@@ -257,10 +262,7 @@ def _grad_strip_kernel(
     instead of the fused kernel's per-tile read-modify-write of fp32 gradient rows."""
     pid_m = tl.program_id(0)
     pid_n = tl.program_id(1)
-    scale_log2e = tl.load(scale_ptr).to(tl.float32) * 1.4426950408889634
-    bias_log2e = 0.0
-    if HAS_BIAS:
-        bias_log2e = tl.load(bias_ptr).to(tl.float32) * 1.4426950408889634
+    scale_log2e, bias_log2e = _logit_affine_log2(scale_ptr, bias_ptr, HAS_BIAS)
     local_rows = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
     rows = row_start + local_rows
     row_valid = (local_rows < R) & (rows < M)
