@@ -19,6 +19,7 @@
 #include <vector>
 
 #include "adamw_sr.h"
+#include "cpu_isa.h"
 
 namespace clip_fast {
 namespace {
@@ -158,34 +159,28 @@ CF_ISA_VARIANTS(avx2, __attribute__((target("avx2,bmi2"))))
 #endif
 CF_ISA_VARIANTS(base, )
 
-enum class Isa { kBase, kAvx2, kAvx512 };
+using Isa = CpuIsa;
 
-Isa detect_isa() {
-#if defined(__x86_64__) && defined(__GNUC__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return Isa::kAvx512;
-  if (__builtin_cpu_supports("avx2")) return Isa::kAvx2;
-#endif
-  return Isa::kBase;
+// Chosen at the first call, not at load: a bad CLIP_FAST_CPU_ISA then raises a Python
+// error there instead of aborting the import.
+Isa active_isa() {
+  static const Isa isa = detect_cpu_isa();
+  return isa;
 }
-
-const Isa kIsa = detect_isa();
 
 template <int PK, int GK, int SK, bool SR>
 UpdateFn pick_update() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (kIsa == Isa::kAvx512) return &update_avx512<PK, GK, SK, SR>;
-  if (kIsa == Isa::kAvx2) return &update_avx2<PK, GK, SK, SR>;
+  if (active_isa() == Isa::kAvx512) return &update_avx512<PK, GK, SK, SR>;
+  if (active_isa() == Isa::kAvx2) return &update_avx2<PK, GK, SK, SR>;
 #endif
   return &update_base<PK, GK, SK, SR>;
 }
 
 SrFn pick_sr() {
 #if defined(__x86_64__) && defined(__GNUC__)
-  if (kIsa == Isa::kAvx512) return &sr_avx512;
-  if (kIsa == Isa::kAvx2) return &sr_avx2;
+  if (active_isa() == Isa::kAvx512) return &sr_avx512;
+  if (active_isa() == Isa::kAvx2) return &sr_avx2;
 #endif
   return &sr_base;
 }
@@ -323,7 +318,7 @@ at::Tensor random_words(int64_t key, int64_t numel) {
 }
 
 std::string cpu_isa() {
-  switch (kIsa) {
+  switch (active_isa()) {
     case Isa::kAvx512: return "avx512";
     case Isa::kAvx2: return "avx2";
     default: return "baseline";

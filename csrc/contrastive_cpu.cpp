@@ -22,6 +22,8 @@
 // picked once at load (same scheme as adamw_sr.cpp).
 #include <torch/extension.h>
 
+#include "cpu_isa.h"
+
 #include <omp.h>
 #if defined(__x86_64__) && defined(__GNUC__)
 #include <immintrin.h>
@@ -404,12 +406,10 @@ constexpr Ops kOps_avx512 = {&max_avx512,          &expsum_avx512i,       &grad_
 #endif
 
 const Ops& pick_ops() {
+  const CpuIsa isa = detect_cpu_isa();
 #if defined(__x86_64__) && defined(__GNUC__)
-  __builtin_cpu_init();
-  if (__builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw") &&
-      __builtin_cpu_supports("avx512vl") && __builtin_cpu_supports("avx512dq"))
-    return kOps_avx512;
-  if (__builtin_cpu_supports("avx2")) return kGeneric_avx2;
+  if (isa == CpuIsa::kAvx512) return kOps_avx512;
+  if (isa == CpuIsa::kAvx2) return kGeneric_avx2;
 #endif
   return kGeneric_base;
 }
