@@ -11,7 +11,7 @@
 // maximum lies within `shift_range` of it, otherwise the caller's per-direction path
 // runs. NaN anywhere makes that test fail exactly as torch's comparison with NaN does.
 //
-// exp: glibc's vector expf is only reached under -ffast-math, so exp_f32 below is a
+// exp: glibc's vector expf is only reached under -ffast-math, so exp_f32 (vec_math.h) is a
 // branch-free expf the compiler vectorises (Cody-Waite reduction by ln2, Cephes
 // polynomial, 2^n built from bits in two factors so subnormal results round once).
 //
@@ -23,6 +23,7 @@
 #include <torch/extension.h>
 
 #include "cpu_isa.h"
+#include "vec_math.h"
 
 #include <omp.h>
 #if defined(__x86_64__) && defined(__GNUC__)
@@ -41,7 +42,7 @@ namespace clip_fast {
 namespace contrastive_cpu {
 namespace {
 
-#define CF_INLINE inline __attribute__((always_inline))
+using namespace vec_math;  // exp_f32, exp16, tail_mask (shared with siglip_cpu.cpp)
 
 // Columns per partial row sum: each of the vector lanes adds kSumBlock / width numbers
 // in sequence, then the block's sum joins a double accumulator, so rounding error stays
@@ -49,49 +50,6 @@ namespace {
 constexpr int64_t kSumBlock = 512;
 // Blocks below this many elements run on one thread (fork/join costs more).
 constexpr int64_t kParallelMin = 1 << 15;
-
-CF_INLINE uint32_t f32_bits(float x) {
-  uint32_t u;
-  std::memcpy(&u, &x, 4);
-  return u;
-}
-
-CF_INLINE float bits_f32(uint32_t u) {
-  float x;
-  std::memcpy(&x, &u, 4);
-  return x;
-}
-
-// e^x in fp32, max error ~1 ulp (tests/test_loss_cpu_kernels.py measures it against fp64
-// over normal, subnormal and overflow ranges). -inf -> 0, +inf -> inf, NaN -> NaN.
-CF_INLINE float exp_f32(float x) {
-  // Clamping keeps NaN (every comparison with it is false). e^-104 rounds to 0 and e^89
-  // overflows, so the clamped values still give the right 0 and inf.
-  x = x < -104.0f ? -104.0f : x;
-  x = x > 89.0f ? 89.0f : x;
-  // n = round(x / ln2) lands in the low mantissa bits of t (1.5 * 2^23 + n); reading the
-  // integer from the bits avoids a float -> int conversion (undefined for NaN).
-  const float t = x * 1.44269504088896341f + 12582912.0f;
-  const float n = t - 12582912.0f;
-  const int32_t ni = (int32_t)(f32_bits(t) - 0x4B400000u);
-  // r = x - n ln2 with ln2 split in two: ln2_hi has 15 significant bits, so n * ln2_hi
-  // (|n| <= 150) is exact; |r| <= ln2 / 2.
-  float r = x - n * 0.693145751953125f;
-  r = r - n * 1.428606765330187045e-06f;
-  // Cephes expf polynomial: e^r = 1 + r + r^2 p(r).
-  float p = 1.9875691500e-4f;
-  p = p * r + 1.3981999507e-3f;
-  p = p * r + 8.3334519073e-3f;
-  p = p * r + 4.1665795894e-2f;
-  p = p * r + 1.6666665459e-1f;
-  p = p * r + 5.0000001201e-1f;
-  p = p * (r * r) + r + 1.0f;
-  // 2^n = 2^n1 * 2^n2 with both factors normal for n in [-150, 128]: the first product is
-  // exact, the second rounds once (subnormal results included) or overflows to inf.
-  const int32_t n1 = ni >> 1;
-  const int32_t n2 = ni - n1;
-  return p * bits_f32((uint32_t)(n1 + 127) << 23) * bits_f32((uint32_t)(n2 + 127) << 23);
-}
 
 // ---------------------------------------------------------------------------------------
 // Row-range bodies (inlined into the ISA variants below).
@@ -258,7 +216,6 @@ struct Ops {
                                   &softmax_shared_##ISA, &softmax_wide_##ISA, &offsets_##ISA};
 
 #if defined(__x86_64__) && defined(__GNUC__)
-#define CF_TARGET_AVX512 __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,fma")))
 CF_CONTRASTIVE_VARIANTS(avx512, CF_TARGET_AVX512)
 CF_CONTRASTIVE_VARIANTS(avx2, __attribute__((target("avx2"))))
 #endif
@@ -266,36 +223,10 @@ CF_CONTRASTIVE_VARIANTS(base, )
 
 #if defined(__x86_64__) && defined(__GNUC__)
 // ---------------------------------------------------------------------------------------
-// AVX-512 exponential passes, written with intrinsics. The auto-vectorised exp_f32 needs
-// ~45 instructions per 16 lanes (no FMA under -ffp-contract=off, two scale factors for
-// subnormal results, masks for the clamps), which made the passes compute-bound at ~3x
-// torch's exp. Here: FMA reduction and polynomial, and vscalefps, which computes
-// p * 2^n with one rounding over the whole range (subnormal results, overflow to inf)
-// in one instruction: ~15 instructions per 16 lanes. Same algorithm and constants.
+// AVX-512 exponential passes, written with intrinsics around exp16 (vec_math.h): FMA
+// reduction and polynomial and vscalefps make it ~15 instructions per 16 lanes, where
+// the auto-vectorised exp_f32 needs ~45 and made these passes compute-bound.
 // ---------------------------------------------------------------------------------------
-CF_TARGET_AVX512 CF_INLINE __m512 exp16(__m512 x) {
-  // max/min return their second operand when either is NaN, so NaN passes through.
-  x = _mm512_max_ps(_mm512_set1_ps(-104.0f), x);
-  x = _mm512_min_ps(_mm512_set1_ps(89.0f), x);
-  const __m512 n =
-      _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)), _MM_FROUND_TO_NEAREST_INT);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693145751953125f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(1.428606765330187045e-06f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), r);
-  p = _mm512_add_ps(p, _mm512_set1_ps(1.0f));
-  return _mm512_scalef_ps(p, n);
-}
-
-CF_TARGET_AVX512 CF_INLINE __mmask16 tail_mask(int64_t left) {
-  return left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1u);
-}
-
 CF_TARGET_AVX512 void expsum_avx512i(const float* S, int64_t M, int64_t N, float top, double* row_sum,
                                      float* col_sum) {
   _Pragma("omp parallel if (M * N >= kParallelMin)") {
