@@ -29,13 +29,14 @@ b x B logits.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Optional, Union
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from clip_fast._backend import use_triton
+from clip_fast._backend import requested_backend, use_triton
 from clip_fast._checks import as_scalar, check_feature_pair
 
 # CPU path tiles of S: up to _CPU_TILE_ROWS rows x (_CPU_TILE_ELEMENTS / rows) columns
@@ -120,6 +121,51 @@ def _block_torch(
     return torch.stack([loss, ds, db]) * inv_n
 
 
+def _cpu_tile_op():
+    """torch.ops.clip_fast.siglip_tile (csrc/siglip_cpu.cpp) unless CLIP_FAST_BACKEND=torch
+    or the extension is unavailable (then None: _block_torch runs)."""
+    if requested_backend() == "torch":
+        return None
+    from clip_fast._ext import load_extension
+
+    return None if load_extension() is None else torch.ops.clip_fast.siglip_tile
+
+
+def _block_fused(
+    tile_op,
+    image: torch.Tensor,  # (M, D) fp32
+    text: torch.Tensor,  # (N, D) fp32
+    scale: torch.Tensor,  # () fp32
+    bias: torch.Tensor,  # () fp32
+    has_pos: bool,
+    inv_n: float,
+    d_image: torch.Tensor,  # (M, D) accumulated into
+    d_text: torch.Tensor,  # (N, D) accumulated into
+) -> torch.Tensor:
+    """_block_torch with the C++ tile kernel: the same tiles, matmul and two GEMMs, but
+    the elementwise sweeps of a tile (S, softplus and its sum, sigmoid, the dscale and
+    dbias sums) are one read and write of it in C++. Sums accumulate in fp64."""
+    M, N = image.shape[0], text.shape[0]
+    tile_rows = max(1, min(M, _CPU_TILE_ROWS))
+    tile_cols = max(1, min(N, _CPU_TILE_ELEMENTS // tile_rows))
+    s, b = float(scale), float(bias)
+    alpha = s * inv_n  # GEMM alpha: dL/dfeatures = scale/n * g @ features
+    sums = torch.zeros(3, dtype=torch.float64)  # [loss, dscale, dbias] * n
+    # One buffer for every tile: a fresh tensor per tile pays its page faults again.
+    buffer = torch.empty(tile_rows * tile_cols, dtype=torch.float32)
+    for r0 in range(0, M, tile_rows):
+        rows = image[r0 : r0 + tile_rows]  # (tr, D)
+        for c0 in range(0, N, tile_cols):
+            cols = text[c0 : c0 + tile_cols]  # (tc, D)
+            tr, tc = rows.shape[0], cols.shape[0]
+            g = torch.mm(rows, cols.T, out=buffer[: tr * tc].view(tr, tc))  # (tr, tc) dots
+            # positives: global (i, i) = tile entry (i - r0, i - c0), column offset r0 - c0
+            tile_op(g, sums, s, b, r0 - c0, has_pos)  # g <- n * dL/dS in place
+            d_image[r0 : r0 + tile_rows].addmm_(g, cols, alpha=alpha)
+            d_text[c0 : c0 + tile_cols].addmm_(g.T, rows, alpha=alpha)
+    return (sums * inv_n).to(torch.float32)
+
+
 def _block(
     image: torch.Tensor,  # (M, D) features in their input dtype
     text: torch.Tensor,  # (N, D)
@@ -142,7 +188,9 @@ def _block(
         return siglip_block(image, text, params, d_image, d_text, has_pos, inv_n)
     dtype = _compute_dtype(image.dtype)
     bias_c = scale.new_zeros((), dtype=dtype) if bias is None else bias.to(dtype)
-    stats = _block_torch(image.to(dtype), text.to(dtype), scale.to(dtype), bias_c, has_pos, inv_n, d_image, d_text)
+    tile_op = _cpu_tile_op() if dtype == torch.float32 else None  # fp64 (gradcheck): torch
+    block_fn = _block_torch if tile_op is None else functools.partial(_block_fused, tile_op)
+    stats = block_fn(image.to(dtype), text.to(dtype), scale.to(dtype), bias_c, has_pos, inv_n, d_image, d_text)
     # softplus(-inf) = 0 could hide a non-finite input in the loss, but never in all
     # three sums: an infinite S gives an infinite softplus or an inf/NaN g * dots term
     # in dscale (0 * inf = NaN). So a non-finite sum flags it, for free.
