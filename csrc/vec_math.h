@@ -76,7 +76,10 @@ CF_INLINE float exp_f32(float x) {
 // accuracy (log1p(x) ~ x) that log(1 + x) would lose.
 CF_INLINE float log1p_unit_f32(float x) {
   const bool big = x > 0.41421356237309515f;  // false for NaN: t = NaN below
-  const float t = big ? (x - 1.0f) * 0.5f : x;
+  // Both candidates computed, then selected: arithmetic inside the conditional would be
+  // if-converted only under -fno-trapping-math and leave the loop scalar.
+  const float half = (x - 1.0f) * 0.5f;
+  const float t = big ? half : x;
   const float k = big ? 0.693147180559945309f : 0.0f;
   float q = 7.0376836292e-2f;
   q = q * t - 1.1514610310e-1f;
