@@ -12,8 +12,9 @@ grad_output. Peak extra memory: O(B*D) for the gradients plus, on CPU, one chunk
 rows of S (O(chunk*B)).
 
 Devices: CUDA tensors run the Triton kernel (clip_fast.kernels.siglip); CPU tensors run
-the same blockwise algorithm in torch (row chunks), in fp32 (bf16/fp16 inputs are
-upcast) or fp64 (fp64 exists so users can gradcheck; it always takes the torch path).
+the same blockwise algorithm tile by tile: torch GEMMs around one C++ pass per tile
+(csrc/siglip_cpu.cpp) in fp32 (bf16/fp16 inputs are upcast), or torch ops only for
+fp64 (so users can gradcheck), CLIP_FAST_BACKEND=torch or without the C++ extension.
 
 Distributed (world_size > 1): the same value and gradients as open_clip's ring
 implementations ('bidir' by default). Each rank computes its own (b x b) block with
@@ -85,7 +86,8 @@ def _block_torch(
     d_image: torch.Tensor,  # (M, D) accumulated into
     d_text: torch.Tensor,  # (N, D) accumulated into
 ) -> torch.Tensor:
-    """CPU path of the fused kernel: the same single pass over S, tile by tile.
+    """CPU path of the fused kernel in torch ops (fp64, CLIP_FAST_BACKEND=torch, no C++
+    extension; the reference of _block_fused): the same single pass over S, tile by tile.
 
     Works with y = -z * S (= S for negatives, -S on the diagonal), so that the loss is
     softplus(y) and dL/dS = -z * sigmoid(y) / n: per tile one matmul, four elementwise
