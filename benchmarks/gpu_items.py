@@ -208,7 +208,7 @@ def item_install(res: Result) -> None:
         if code != 0:
             failed.append(name)
             res.save(**{f"{name}_log": tail(log)})
-    probe = subprocess.run([sys.executable, "-c", "from clip_fast import _C; import clip_fast; print(clip_fast.__file__)"],
+    probe = subprocess.run([sys.executable, "-c", "import torch; from clip_fast import _C; import clip_fast; print(clip_fast.__file__)"],
                            capture_output=True, text=True, cwd="/")
     res.save(extension_built=probe.returncode == 0, clip_fast_from=probe.stdout.strip())
     if failed:
