@@ -40,6 +40,10 @@ DEFAULT_MARGIN = 2.0
 MIN_ITEM_S = 3.0  # an item is not started with less budget than this left
 LOG_TAIL_CHARS = 3000
 STATUSES = ("pass", "fail", "timeout", "skipped", "error")
+# Logs that items leave in the work folder and that are copied to the report folder after
+# each item (the device tool brings back at most 8 files: these, the report, the console).
+KEPT_LOGS = ("gpu_tests.log",)
+KEPT_LOG_BYTES = 4 << 20
 
 # ----------------------------------------------------------------------------------------
 # Trainer command lines (flags as `python -m clip_fast.train` spells them; issue 11 moves
@@ -236,7 +240,7 @@ def run_item(item: Item, timeout_s: float, ctx: RunContext) -> dict[str, Any]:
     """Run `item` in a new session; kill the session at `timeout_s`. The record's status
     comes from the item's result file (its own verdict), else its exit code."""
     result_path = ctx.work_dir / f"{item.name}.result.json"
-    log_path = ctx.work_dir / f"{item.name}.log"
+    log_path = ctx.work_dir / f"{item.name}.console.log"
     result_path.unlink(missing_ok=True)
     env = {**ctx.env, "GPU_CHECK_RESULT": str(result_path), "GPU_CHECK_WORK": str(ctx.work_dir),
            "GPU_CHECK_TIMEOUT_S": f"{timeout_s:.1f}"}
@@ -266,6 +270,14 @@ def run_item(item: Item, timeout_s: float, ctx: RunContext) -> dict[str, Any]:
             "log_tail": _tail(log_path)}
 
 
+def keep_logs(ctx: RunContext) -> None:
+    """Copy the tails of KEPT_LOGS from the work folder to the report folder."""
+    for name in KEPT_LOGS:
+        src = ctx.work_dir / name
+        if src.is_file():
+            (ctx.out_dir / name).write_text(_tail(src, KEPT_LOG_BYTES))
+
+
 def skipped_record(item: Item, reason: str) -> dict[str, Any]:
     return {"item": item.name, "status": "skipped", "summary": reason, "seconds": 0.0,
             "estimate_s": item.estimate_s, "timeout_s": 0.0, "data": {}}
@@ -285,6 +297,7 @@ def run_plan(items: Sequence[Item], budget_s: float, margin: float, ctx: RunCont
             record = run_item(item, min(item.estimate_s * margin, remaining), ctx)
         records.append(record)
         report.append(record)
+        keep_logs(ctx)
         print(f"[gpu_check] {item.name}: {record['status']} ({record['seconds']:.1f} s) {record['summary']}",
               flush=True)
     return records

@@ -543,7 +543,7 @@ def item_shards(res: Result, n: int = 8192, copies: int = 8) -> None:
             writer.write(image, caption)
     paths = writer.close()
     linked = _link_copies(root / "shards", root / "shards_x8", copies)
-    spec = {"shards": str(root / "shards" / "shard-{000000..%06d}.tar" % (len(paths) - 1)),
+    spec = {"shards": str(root / "shards" / ("shard-{000000..%06d}.tar" % (len(paths) - 1))),
             "shards_x8": str(root / "shards_x8" / "*.tar"), "logs": str(root / "logs"),
             "shard_list": paths, "shard_list_x8": linked}
     (root / "shards.json").write_text(json.dumps(spec, indent=1))

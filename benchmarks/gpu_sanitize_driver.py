@@ -3,6 +3,8 @@
     compute-sanitizer --tool memcheck  python benchmarks/gpu_sanitize_driver.py
     compute-sanitizer --tool initcheck python benchmarks/gpu_sanitize_driver.py
     python benchmarks/gpu_sanitize_driver.py --device-guard     # needs 2 GPUs
+    TRITON_INTERPRET=1 CLIP_FAST_BACKEND=triton python benchmarks/gpu_sanitize_driver.py --device cpu
+                                                                # the same calls under Triton's interpreter
 
 Shapes are odd (ragged tiles, unaligned rows: M=37, N=53, D=67) plus one aligned case
 per kernel, so every masked edge and both alignment variants run. Each case prints
@@ -69,8 +71,7 @@ def _attention_pool(dtype: torch.dtype, n: int, side: int, c: int, heads: int) -
         pool = AttentionPool2d(side, c, heads, 40).to(device)
         g = torch.Generator(device="cpu").manual_seed(5)
         x = torch.randn(n, c, side, side, generator=g).to(device=device, dtype=dtype).requires_grad_()
-        with torch.autocast("cuda", dtype=dtype, enabled=dtype != torch.float32):
-            y = pool(x)
+        y = pool(x)  # the pool casts its weights to x's dtype
         y.float().square().sum().backward()
         return [y.detach(), x.grad, *(p.grad for p in pool.parameters() if p.grad is not None)]
 
@@ -126,8 +127,11 @@ CASES: dict[str, Case] = {
 
 def run_all(device: torch.device) -> None:
     for name, case in CASES.items():
-        case(device)
-        torch.cuda.synchronize(device)
+        outputs = case(device)
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        if not all(bool(torch.isfinite(t).all()) for t in outputs):
+            print(f"NONFINITE {name}", flush=True)
         print(f"launched {name}", flush=True)
 
 
@@ -161,7 +165,15 @@ def device_guard() -> int:
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--device-guard", action="store_true", help="compare cuda:1 runs with cuda:0 / cuda:1 current")
+    p.add_argument("--device", default="cuda:0", help="cuda:N, or cpu under TRITON_INTERPRET=1 CLIP_FAST_BACKEND=triton")
     args = p.parse_args(argv)
+    if args.device == "cpu":
+        if os.environ.get("TRITON_INTERPRET") != "1" or os.environ.get("CLIP_FAST_BACKEND") != "triton":
+            print("gpu_sanitize_driver: error: --device cpu needs TRITON_INTERPRET=1 CLIP_FAST_BACKEND=triton",
+                  file=sys.stderr)
+            return 2
+        run_all(torch.device("cpu"))
+        return 0
     if not torch.cuda.is_available():
         print("gpu_sanitize_driver: error: needs a CUDA device", file=sys.stderr)
         return 2
@@ -170,7 +182,7 @@ def main(argv: list[str] | None = None) -> int:
             print("gpu_sanitize_driver: error: --device-guard needs 2 GPUs", file=sys.stderr)
             return 2
         return device_guard()
-    run_all(torch.device("cuda", 0))
+    run_all(torch.device(args.device))
     return 0
 
 

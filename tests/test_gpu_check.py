@@ -193,3 +193,16 @@ def test_device_peak_table():
     assert gpu_items.peak_tflops("NVIDIA H100 80GB HBM3") == 989.0
     assert gpu_items.peak_tflops("NVIDIA H100 NVL") == 835.0
     assert gpu_items.peak_tflops("some other GPU") is None
+
+
+def test_sanitize_driver_calls_every_launcher_under_the_interpreter():
+    """The driver's launcher calls are right (arguments, shapes): run them on CPU tensors
+    through Triton's interpreter; every case must finish with finite outputs."""
+    env = {**os.environ, "TRITON_INTERPRET": "1", "CLIP_FAST_BACKEND": "triton", "CLIP_FAST_JIT_EXT": "0"}
+    proc = subprocess.run([sys.executable, str(REPO / "benchmarks" / "gpu_sanitize_driver.py"), "--device", "cpu"],
+                          cwd=REPO, env=env, capture_output=True, text=True, timeout=900)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    import gpu_sanitize_driver
+
+    assert re.findall(r"^launched (\S+)", proc.stdout, re.M) == list(gpu_sanitize_driver.CASES)
+    assert "NONFINITE" not in proc.stdout
