@@ -478,7 +478,8 @@ def item_adamw(res: Result) -> None:
     for variant, nbytes in (("clip_fast SR bf16", 14), ("torch fused fp32", 28)):
         if variant.startswith("clip_fast"):
             params = _params(torch.bfloat16, "cuda")
-            opt = AdamW(params, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2, seed=0)
+            opt = AdamW(params, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2, seed=0,
+                        state_dtype=torch.bfloat16)
         else:
             params = _params(torch.float32, "cuda")
             opt = torch.optim.AdamW(params, lr=1e-4, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.2, fused=True)
@@ -725,7 +726,8 @@ def item_accum_32k(res: Result) -> None:
     if problem is not None:
         raise Skip(f"the trainer does not accept the command yet: {problem}")
     _, s = run_trainer(res, "accum_32k", run_s=item_timeout_s() - 8)
-    res.save("pass", f"global batch 32,768: {s.get('samples_per_s_per_gpu', 0):.0f} samples/s/gpu, peak "
+    res.save("pass", f"one step of global batch 32,768 (first step: includes warm-up): "
+                     f"{s.get('samples_per_s_per_gpu', 0):.0f} samples/s/gpu, peak "
                      f"{s.get('peak_allocated_gib', '?')} GiB allocated ({s['gpu_memory_used_peak_gib']} GiB used)")
 
 
