@@ -108,13 +108,31 @@ PLAN: tuple[tuple[str, float, str], ...] = (
     ("sanitize_initcheck", 20, "compute-sanitizer initcheck over the same launches"),
     ("sync_debug", 20, "trainer with CLIP_FAST_SYNC_DEBUG=10:30: host-sync warnings in steps 10-30"),
     ("graph_breaks", 30, "trainer --torchcompile with TORCH_LOGS=graph_breaks: graph-break count"),
-    ("multi_gpu", 2, "launchers on cuda:1 while cuda:0 is current (skipped with 1 GPU)"),
+    ("multi_gpu", 2, "launchers on cuda:1 while cuda:0 is current (1 GPU: skipped, no torch import)"),
     ("accum_32k", 40, "trainer ViT-B/32 --batch-size 512 --accum-freq 64: one step of global batch 32,768, amp_bf16"),
 )
 
 
-def build_plan() -> list[Item]:
-    return [Item(name, float(est), desc, _item_argv(name)) for name, est, desc in PLAN]
+# With two or more GPUs multi_gpu runs every launcher twice on cuda:1 (imports, compiles).
+MULTI_GPU_ESTIMATE_S = 30.0
+
+
+def gpu_count() -> int:
+    """GPUs that nvidia-smi lists (0 without nvidia-smi); no torch import."""
+    try:
+        out = subprocess.run(["nvidia-smi", "-L"], capture_output=True, text=True, timeout=20).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return 0
+    return sum(line.startswith("GPU ") for line in out.splitlines())
+
+
+def build_plan(gpus: int = 1) -> list[Item]:
+    """The plan for a machine with `gpus` GPUs (the estimates in PLAN are for one)."""
+    items = [Item(name, float(est), desc, _item_argv(name)) for name, est, desc in PLAN]
+    if gpus >= 2:
+        items = [dataclasses.replace(it, estimate_s=MULTI_GPU_ESTIMATE_S) if it.name == "multi_gpu" else it
+                 for it in items]
+    return items
 
 
 # ------------------------------------------------------------------------------ report
@@ -440,7 +458,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return dry_run(args.budget_s, args.margin)
     out = Path(args.out or _default_out()).resolve()
     work = Path(tempfile.mkdtemp(prefix="gpu_check_"))
-    items = build_plan()
+    items = build_plan(gpu_count())
     if args.only:
         items = [item for item in items if item.name in args.only.split(",")]
     meta = {"started_utc": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

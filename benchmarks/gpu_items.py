@@ -286,7 +286,7 @@ def item_gpu_tests(res: Result) -> None:
     require_cuda()
     junit = work_dir() / "gpu_tests.junit.xml"
     argv = [sys.executable, "-m", "pytest", "tests", "-m", "gpu", "-q", "-p", "no:cacheprovider", "-rfE",
-            f"--junitxml={junit}"]
+            "--continue-on-collection-errors", f"--junitxml={junit}"]
     if importlib.util.find_spec("xdist"):
         argv += ["-n", "4"]  # Triton compiles in parallel; each worker has its own CUDA context
     if importlib.util.find_spec("pytest_timeout"):
@@ -713,9 +713,10 @@ def item_graph_breaks(res: Result) -> None:
     lines = [ln.strip() for ln in console.splitlines() if "Graph break" in ln or "graph break" in ln]
     reasons = list(dict.fromkeys(lines))
     res.save(graph_break_lines=len(lines), distinct=reasons[:20])
-    if state.get("exit_code") not in (0, None) or not state.get("last_step"):
-        raise Failed(f"the --torchcompile run did not train (exit {state.get('exit_code')}); tail: {console[-600:]}")
-    res.save("pass", f"{len(lines)} graph-break log lines, {len(reasons)} distinct")
+    if not state.get("last_step"):
+        raise Failed(f"the --torchcompile run logged no step (exit {state.get('exit_code')}); tail: {console[-600:]}")
+    res.save("pass", f"{len(lines)} graph-break log lines, {len(reasons)} distinct, over {state['last_step']} "
+                     f"compiled steps")
 
 
 def item_accum_32k(res: Result) -> None:
@@ -735,8 +736,13 @@ def item_accum_32k(res: Result) -> None:
 
 
 def find_sanitizer() -> str | None:
-    for candidate in (shutil.which("compute-sanitizer"), os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"),
-                      "bin", "compute-sanitizer"), *sorted(glob.glob("/opt/nvidia/*/compute-sanitizer/compute-sanitizer"))):
+    """compute-sanitizer on PATH, in CUDA_HOME, in an Nsight folder, or in a pip CUDA package."""
+    candidates = (shutil.which("compute-sanitizer"),
+                  os.path.join(os.environ.get("CUDA_HOME", "/usr/local/cuda"), "bin", "compute-sanitizer"),
+                  *sorted(glob.glob("/opt/nvidia/*/compute-sanitizer/compute-sanitizer")),
+                  *sorted(glob.glob(os.path.join(sys.prefix, "lib", "python3*", "site-packages", "nvidia", "*", "bin",
+                                                 "compute-sanitizer"))))
+    for candidate in candidates:
         if candidate and os.path.isfile(candidate):
             return candidate
     return None
@@ -774,9 +780,13 @@ def item_sanitize_initcheck(res: Result) -> None:
 
 
 def item_multi_gpu(res: Result) -> None:
-    torch = require_cuda()
-    if torch.cuda.device_count() < 2:
-        raise Skip(f"skipped: {torch.cuda.device_count()} GPU")
+    from gpu_check import gpu_count
+
+    gpus = gpu_count()  # without importing torch: this item's estimate is ~1 s on one GPU
+    if gpus == 0:  # no nvidia-smi: ask torch
+        gpus = require_cuda().cuda.device_count()
+    if gpus < 2:
+        raise Skip(f"skipped: {gpus} GPU")
     argv = [sys.executable, str(BENCH_DIR / "gpu_sanitize_driver.py"), "--device-guard"]
     log = work_dir() / "multi_gpu.log"
     code = run_logged(argv, log, item_timeout_s() - 5)

@@ -42,6 +42,8 @@ def test_plan_items_have_runners_and_fit_the_default_budget():
     assert set(names) == set(gpu_items.ITEMS)
     assert sum(item.estimate_s for item in gpu_check.build_plan()) <= gpu_check.DEFAULT_BUDGET_S
     assert all(item.estimate_s > 0 for item in gpu_check.build_plan())
+    two = {item.name: item.estimate_s for item in gpu_check.build_plan(gpus=2)}
+    assert two["multi_gpu"] == gpu_check.MULTI_GPU_ESTIMATE_S  # the cuda:1 check runs only with 2 GPUs
 
 
 def _record(name: str, status: str, **data) -> dict:
