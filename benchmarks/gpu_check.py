@@ -468,7 +468,6 @@ def main(argv: Sequence[str] | None = None) -> int:
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "GPU_CHECK_REPO": str(REPO_ROOT)}
     if args.wheels:
         env["GPU_CHECK_WHEELS"] = str(Path(args.wheels).resolve())
-    env["PYTHONPATH"] = os.pathsep.join(p for p in (str(BENCH_DIR), env.get("PYTHONPATH", "")) if p)
     print(format_plan(items, args.budget_s, args.margin), flush=True)
     t0 = time.monotonic()
     records = run_plan(items, args.budget_s, args.margin, RunContext(work, out, env), report)
