@@ -19,6 +19,7 @@ import gpu_check  # noqa: E402
 import gpu_items  # noqa: E402
 
 
+@pytest.mark.slow
 def test_dry_run_lists_every_item_within_budget():
     env = {**os.environ, "CLIP_FAST_JIT_EXT": "0"}
     t0 = time.monotonic()
@@ -197,6 +198,7 @@ def test_device_peak_table():
     assert gpu_items.peak_tflops("some other GPU") is None
 
 
+@pytest.mark.slow
 def test_sanitize_driver_calls_every_launcher_under_the_interpreter():
     """The driver's launcher calls are right (arguments, shapes): run them on CPU tensors
     through Triton's interpreter; every case must finish with finite outputs."""
