@@ -64,6 +64,8 @@ class Result:
             self.doc["status"] = status
         if summary is not None:
             self.doc["summary"] = summary
+        if "command" in data:  # what the item ran, shown as the report's command line
+            self.doc["command"] = data.pop("command")
         self.data.update(data)
         if self.path is not None:
             tmp = self.path.with_suffix(".tmp")
@@ -326,14 +328,12 @@ def _time_loss(loss_fn, B: int, D: int, scale: float, bias: float | None, rounds
     args = (image, text, s) if b is None else (image, text, s, b)
 
     def step() -> None:
-        image.grad = text.grad = s.grad = None
+        for t in args:
+            t.grad = None
         loss_fn(*args).backward()
 
     ms = cuda_time_ms(step, rounds=rounds)
-    peak = peak_extra_memory(step, "cuda") / 2**20
-    del image, text
-    torch.cuda.empty_cache()
-    return ms, peak
+    return ms, peak_extra_memory(step, "cuda") / 2**20
 
 
 def proposed_strip_threshold(times: dict[int, dict[str, float]]) -> tuple[int | None, str]:

@@ -210,3 +210,13 @@ def test_sanitize_driver_calls_every_launcher_under_the_interpreter():
 
     assert re.findall(r"^launched (\S+)", proc.stdout, re.M) == list(gpu_sanitize_driver.CASES)
     assert "NONFINITE" not in proc.stdout
+
+
+def test_item_result_file_is_rewritten_whole_on_each_save(tmp_path):
+    res = gpu_items.Result(str(tmp_path / "r.json"), "gpu_items.py x")
+    res.save(command="pytest -m gpu", n=1)
+    res.add_row({"B": 8})
+    doc = json.loads((tmp_path / "r.json").read_text())
+    assert doc == {"status": None, "summary": "", "command": "pytest -m gpu", "data": {"n": 1, "rows": [{"B": 8}]}}
+    res.save("pass", "done")
+    assert json.loads((tmp_path / "r.json").read_text())["status"] == "pass"
