@@ -195,10 +195,6 @@ class Report:
         header += [f"- {k}: {_md_cell(v)}\n" for k, v in meta.items()]
         self.md_path.write_text("".join(header))
 
-    def update_meta(self, **values: Any) -> None:
-        self.doc["meta"].update(values)
-        _atomic_write(self.json_path, json.dumps(self.doc, indent=1))
-
     def append(self, record: dict[str, Any]) -> None:
         self.doc["items"].append(record)
         _atomic_write(self.json_path, json.dumps(self.doc, indent=1))

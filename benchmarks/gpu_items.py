@@ -133,7 +133,6 @@ def copy_bandwidth_gbs(nbytes: int = 2 << 30) -> float:
     src = torch.randint(0, 255, (nbytes,), dtype=torch.uint8, device="cuda")
     dst = torch.empty_like(src)
     ms = cuda_time_ms(lambda: dst.copy_(src), rounds=10, warmup=2)
-    del src, dst
     return 2 * nbytes / (ms * 1e-3) / 1e9
 
 
