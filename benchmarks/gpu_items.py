@@ -189,11 +189,11 @@ def tail(path: Path, chars: int = 1500) -> str:
 # ------------------------------------------------------------------------------ install, env
 
 
-def _pip_step(res: Result, name: str, argv: list[str], env: dict[str, str] | None = None) -> bool:
+def _pip_step(res: Result, name: str, argv: list[str], timeout_s: float, env: dict[str, str] | None = None) -> bool:
     """Run one pip command; record its time, exit code and (on failure) its log tail."""
     t0 = time.monotonic()
     log = work_dir() / f"install_{name}.log"
-    code = run_logged(argv, log, item_timeout_s() - 5, env=env)
+    code = run_logged(argv, log, timeout_s, env=env)
     res.save(**{f"{name}_s": round(time.monotonic() - t0, 1), f"{name}_exit": code})
     if code != 0:
         res.save(**{f"{name}_log": tail(log)})
@@ -205,17 +205,20 @@ def item_install(res: Result) -> None:
     the C++ extension built by setup.py against the preinstalled torch; if that build
     fails, the project again without it (clip_fast then compiles it on first use)."""
     pip = [sys.executable, "-m", "pip", "install", "--no-index", "--no-deps", "--disable-pip-version-check", "-q"]
+    deadline = time.monotonic() + item_timeout_s() - 8  # the import probe below needs a few s
     failed = []
     wheels = os.environ.get("GPU_CHECK_WHEELS")
     files = sorted(glob.glob(os.path.join(wheels, "*.whl"))) if wheels else []
     if wheels and not files:
         res.save(wheels_status=f"no .whl files in {wheels}")
-    if files and not _pip_step(res, "wheels", [*pip, "--no-compile", *files]):
+    if files and not _pip_step(res, "wheels", [*pip, "--no-compile", *files], deadline - time.monotonic()):
         failed.append("wheels")
     project = [*pip, "--no-build-isolation", "-e", str(REPO_ROOT)]
-    if not _pip_step(res, "project", project):
+    # keep ~20 s for installing without the extension if its build fails or overruns
+    if not _pip_step(res, "project", project, deadline - time.monotonic() - 20):
         failed.append("project")
-        if _pip_step(res, "project_without_extension", project, env={"CLIP_FAST_BUILD_EXT": "0"}):
+        if _pip_step(res, "project_without_extension", project, deadline - time.monotonic(),
+                     env={"CLIP_FAST_BUILD_EXT": "0"}):
             failed[-1] = "project with the C++ extension (installed without it)"
     probe = subprocess.run([sys.executable, "-c", "import torch; from clip_fast import _C; import clip_fast; "
                             "print(clip_fast.__file__)"], capture_output=True, text=True, cwd="/")
