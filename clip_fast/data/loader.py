@@ -518,6 +518,26 @@ def _half_even_half(margin):
 
 
 # ----------------------------------------------------------------------------- factory
+def check_loader_args(*, batch_size: int, image_size: int, tokenize: Callable, rank: int, world_size: int,
+                      device: str | torch.device, dtype: torch.dtype, num_workers: int) -> torch.device:
+    """Validate the arguments every loader factory shares; returns `device` as a torch.device."""
+    for name, value in (("batch_size", batch_size), ("image_size", image_size), ("world_size", world_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be a non-negative int, got {num_workers!r}")
+    if not callable(tokenize):
+        raise TypeError("tokenize must be callable: list[str] -> LongTensor (n, context_length)")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be a cpu or cuda device, got {device}")
+    return device
+
+
 def build_loader(
     shards: list[str] | str,
     batch_size: int,
@@ -551,21 +571,10 @@ def build_loader(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    for name, value in (("batch_size", batch_size), ("image_size", image_size), ("world_size", world_size),
-                        ("shuffle_buffer", shuffle_buffer)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
-    if not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers must be a non-negative int, got {num_workers!r}")
-    if not callable(tokenize):
-        raise TypeError("tokenize must be callable: list[str] -> LongTensor (n, context_length)")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    device = torch.device(device)
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be a cpu or cuda device, got {device}")
+    if not isinstance(shuffle_buffer, int) or isinstance(shuffle_buffer, bool) or shuffle_buffer < 1:
+        raise ValueError(f"shuffle_buffer must be a positive int, got {shuffle_buffer!r}")
+    device = check_loader_args(batch_size=batch_size, image_size=image_size, tokenize=tokenize, rank=rank,
+                               world_size=world_size, device=device, dtype=dtype, num_workers=num_workers)
     paths = expand_shards(shards)
     if not paths:
         raise ValueError("shards is empty: give at least one .tar shard")
