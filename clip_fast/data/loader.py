@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from .._backend import warn_once
+from .images import to_8bit
 from .shards import ShardIndex, expand_shards, load_shard_indexes
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -57,7 +58,7 @@ class LoaderStats:
     samples: good samples in the whole shard list (all ranks); rank_samples: this rank's
     share in the current epoch; skipped: samples left out when the shards were indexed,
     by reason (corrupt_image, missing_caption, empty_caption, bad_caption_encoding,
-    missing_image, truncated_shard); decode_errors: images that still failed to decode
+    missing_image, truncated_shard; unreadable_shard counts shards: see shards.SKIP_REASONS); decode_errors: images that still failed to decode
     at run time (torch path; each is replaced by the next sample of the list).
     """
 
@@ -154,7 +155,7 @@ def pil_transform(img, image_size: int, train: bool, rng: np.random.Generator | 
     """open_clip's image transform on a PIL image, up to the uint8 (S, S, 3) array."""
     from PIL import Image
 
-    img = img.convert("RGB")
+    img = to_8bit(img).convert("RGB")
     s = image_size
     if train:
         left, top, w, h = random_resized_crop_box(img.width, img.height, rng)
