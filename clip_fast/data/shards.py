@@ -16,7 +16,8 @@ Shards written by `ShardWriter` (`make_shards`, the demo dataset) come with a ma
 `clip_fast_shards.json`, recording every shard's size: its indexes were built from images
 that decoded, so they are trusted as they are. Any other tar is scanned once (tar headers,
 captions, a reduced-size decode of each image), and the filtered index is cached under
-`$CLIP_FAST_CACHE/index` (default ~/.cache/clip_fast/index), keyed by path, size and mtime.
+`$CLIP_FAST_CACHE/index` (default ~/.cache/clip_fast/index), keyed by path, size and mtime. Under torch.distributed, `load_shard_indexes_distributed`
+splits that work across the ranks (each shard scanned once) before they meet.
 """
 from __future__ import annotations
 
@@ -386,11 +387,15 @@ def _unreadable(path: Path, why: str) -> ShardIndex:
                       [f"{path}: unreadable shard skipped ({why})"])
 
 
+def _index_in_threads(paths: list[str], verify_images: bool | None, num_threads: int) -> list[ShardIndex]:
+    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
+        return list(pool.map(lambda p: load_shard_index(p, verify_images), paths))
+
+
 def load_shard_indexes(paths: list[str], verify_images: bool | None = None, num_threads: int = 4) -> list[ShardIndex]:
     """Index many shards in parallel (scans decode images; PIL releases the GIL). Each
     shard's problems are logged as warnings; ValueError when no shard can be read."""
-    with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
-        indexes = list(pool.map(lambda p: load_shard_index(p, verify_images), paths))
+    indexes = _index_in_threads(paths, verify_images, num_threads)
     for index in indexes:
         for line in index.problems:
             log.warning("clip_fast.data: %s", line)
@@ -399,6 +404,52 @@ def load_shard_indexes(paths: list[str], verify_images: bool | None = None, num_
         shown = "; ".join(i.problems[0] for i in unreadable[:3])
         raise ValueError(f"none of the {len(indexes)} shard(s) can be read: {shown}")
     return indexes
+
+
+def load_shard_indexes_distributed(paths: list[str], verify_images: bool | None = None, num_threads: int = 4,
+                                   group=None) -> list[ShardIndex]:
+    """`load_shard_indexes` on every rank of a torch.distributed group, each shard indexed once.
+
+    Rank r of W indexes (scans, decode-checks, caches under `cache_root()`) the shards
+    paths[r::W]; the ranks meet in one all_gather_object of their errors (every rank raises
+    if one failed, none is left waiting); then each rank loads every index, from the cache
+    (a cache folder on a shared file system or the same node) or, where another rank's
+    cache is not visible, by its own scan of that shard. A last all_gather_object of a
+    digest of the indexes checks that all ranks see the same samples. Without an
+    initialised group of more than one rank it is `load_shard_indexes`. Every rank of the
+    group must call it with the same `paths`.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return load_shard_indexes(paths, verify_images, num_threads)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    try:
+        _index_in_threads(list(paths)[rank::world], verify_images, num_threads)
+        error = None
+    except Exception as e:  # shared with the other ranks, raised everywhere below
+        error = f"{type(e).__name__}: {e}"
+    errors: list = [None] * world
+    dist.all_gather_object(errors, error, group=group)
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        raise RuntimeError(f"indexing shards failed on rank {failed[0][0]}: {failed[0][1]}")
+    indexes = load_shard_indexes(paths, verify_images, num_threads)
+    digests: list = [None] * world
+    dist.all_gather_object(digests, indexes_digest(indexes), group=group)
+    if len(set(digests)) != 1:
+        raise RuntimeError("ranks see different shard indexes (a shard changed while it was indexed?): "
+                           f"digests {digests}")
+    return indexes
+
+
+def indexes_digest(indexes: list[ShardIndex]) -> str:
+    """SHA-1 of the shard paths, sample offsets and skip counts: equal for equal indexes."""
+    h = hashlib.sha1()
+    for index in indexes:
+        h.update(index.path.encode() + b"\0" + np.ascontiguousarray(index.offsets, dtype=np.int64).tobytes())
+        h.update(json.dumps(sorted(index.skipped.items())).encode())
+    return h.hexdigest()
 
 
 def expand_shards(spec: str | os.PathLike | list) -> list[str]:
