@@ -101,3 +101,26 @@ def test_brace_expand_falls_back_without_braceexpand(tree, monkeypatch):
     monkeypatch.setattr(builtins, "__import__", no_braceexpand)
     assert brace_expand("s{09..11}") == ["s09", "s10", "s11"]
     assert sources.expand_urls(str(tree / "a" / "shard-{000..002}.tar")) == [shard(tree, i) for i in range(3)]
+
+
+def test_loader_reads_a_make_shards_output_folder(tmp_path, monkeypatch):
+    """`python -m clip_fast.data.make_shards SRC OUT`, then OUT as the data source."""
+    import torch
+    from PIL import Image
+
+    from clip_fast.data.loader import build_loader
+    from clip_fast.data.make_shards import make_shards
+
+    monkeypatch.setenv("CLIP_FAST_CACHE", str(tmp_path / "cache"))
+    (tmp_path / "src").mkdir()
+    for i in range(7):
+        Image.new("RGB", (12, 12), (i * 30, 0, 0)).save(tmp_path / "src" / f"{i}.png")
+        (tmp_path / "src" / f"{i}.txt").write_text(f"red {i}")
+    make_shards(tmp_path / "src", tmp_path / "out", shard_size=3, progress=False)
+    tokenize = lambda caps: torch.tensor([[int(c.split()[-1])] for c in caps])  # noqa: E731
+    for spec in (expand_urls(str(tmp_path / "out")), str(tmp_path / "out")):
+        loader = build_loader(spec, batch_size=2, image_size=8, tokenize=tokenize, train=False, num_workers=0)
+        assert len(loader.shards) == 3 and sorted(i for _, t in loader for i in t[:, 0].tolist()) == list(range(7))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(FileNotFoundError, match="no .tar shard in folder"):
+        build_loader(str(tmp_path / "empty"), batch_size=2, image_size=8, tokenize=tokenize)

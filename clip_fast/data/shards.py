@@ -453,7 +453,8 @@ def indexes_digest(indexes: list[ShardIndex]) -> str:
 
 
 def expand_shards(spec: str | os.PathLike | list) -> list[str]:
-    """Shard list from a list of paths, a glob, or braces: 'data/shard-{000000..000009}.tar'."""
+    """Shard list from a list of paths, a glob, braces ('data/shard-{000000..000009}.tar'),
+    or a folder (its *.tar files, e.g. a make_shards output folder)."""
     if isinstance(spec, (list, tuple)):
         out: list[str] = []
         for s in spec:
@@ -462,6 +463,11 @@ def expand_shards(spec: str | os.PathLike | list) -> list[str]:
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"shards must be a path, a pattern or a list of them, got {type(spec).__name__}")
     spec = os.fspath(spec)
+    if os.path.isdir(spec):
+        tars = sorted(glob.glob(os.path.join(glob.escape(spec), "*.tar")))
+        if not tars:
+            raise FileNotFoundError(f"no .tar shard in folder {spec!r}")
+        return tars
     m = re.search(r"\{(\d+)\.\.(\d+)\}", spec)
     if m:
         lo, hi = m.group(1), m.group(2)
