@@ -173,3 +173,18 @@ def test_hf_tokenizer_bad_input(tmp_path):
                                                                    "vocab": {"a": 0, "b": 1}, "merges": []}}))
     with pytest.raises(ValueError, match="no <\\|startoftext\\|> token"):
         Tokenizer.from_hf(tmp_path)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16, torch.int64])
+def test_safetensors_reader_matches_the_safetensors_package(tmp_path, dtype):
+    st = pytest.importorskip("safetensors.torch")
+    from clip_fast.model.hf_convert import read_safetensors
+
+    g = torch.Generator().manual_seed(0)
+    tensors = {"a.weight": (torch.randn(7, 5, generator=g) * 100).to(dtype), "scalar": torch.tensor(3).to(dtype),
+               "empty": torch.zeros(0, 4, dtype=dtype), "b": torch.arange(11).to(dtype)}
+    st.save_file(tensors, str(tmp_path / "t.safetensors"), metadata={"format": "pt"})
+    ours, ref = read_safetensors(str(tmp_path / "t.safetensors")), st.load_file(str(tmp_path / "t.safetensors"))
+    assert ours.keys() == ref.keys()
+    for name in ref:
+        assert ours[name].dtype == ref[name].dtype and torch.equal(ours[name], ref[name]), name

@@ -246,5 +246,6 @@ def build_csv_loader(
             f"batch_size={batch_size} is larger than this rank's share of the data "
             f"({len(rows) // world_size} samples = {len(rows)} / world_size {world_size}) with drop_last=True"
         )
-    return CsvLoader([rows], batch_size, image_size, tokenize, train, rank, world_size, device, dtype,
-                     num_workers, seed, drop_last, 1)
+    return CsvLoader([rows], batch_size=batch_size, image_size=image_size, tokenize=tokenize, train=train, rank=rank,
+                     world_size=world_size, device=device, dtype=dtype, num_workers=num_workers, seed=seed,
+                     drop_last=drop_last, shuffle_buffer=1)  # shuffle_buffer: DALI's, unused here
