@@ -96,12 +96,10 @@ def read_csv_rows(path: str, img_key: str = "filepath", caption_key: str = "titl
         raise ValueError(f"separator must be one character, got {separator!r}")
     images, captions = _read_columns(path, img_key, caption_key, separator)
     base = os.path.dirname(os.path.abspath(path))
-    check = _verify_image if verify_images else _image_exists
     with ThreadPoolExecutor(max(1, num_threads)) as pool:  # stat/decode release the GIL
-        resolved = [_resolve(p, base) if p.strip() else "" for p in images]
-        status = list(pool.map(check, resolved))
+        checked = list(pool.map(lambda image: _check_row_image(image, base, verify_images), images))
     rows = CsvRows(str(path), [], [])
-    for image, caption, reason in zip(resolved, captions, status):
+    for (image, reason), caption in zip(checked, captions):
         if not caption.strip():
             reason = "empty_caption"
         if reason is not None:
@@ -112,15 +110,15 @@ def read_csv_rows(path: str, img_key: str = "filepath", caption_key: str = "titl
     return rows
 
 
-def _image_exists(path: str) -> str | None:
-    return None if path and os.path.isfile(path) else "missing_image"
-
-
-def _verify_image(path: str) -> str | None:
-    if _image_exists(path) is not None:
-        return "missing_image"
-    with open(path, "rb") as f:
-        return None if check_image_bytes(f.read()) else "corrupt_image"
+def _check_row_image(image: str, base: str, verify: bool) -> tuple[str, str | None]:
+    """(resolved path, None or the reason to skip the row) of one image cell."""
+    path = _resolve(image, base) if image.strip() else ""
+    if not path or not os.path.isfile(path):
+        return path, "missing_image"
+    if verify:
+        with open(path, "rb") as f:
+            return path, None if check_image_bytes(f.read()) else "corrupt_image"
+    return path, None
 
 
 class _CsvDataset(torch.utils.data.Dataset):
