@@ -165,7 +165,9 @@ def test_demo_dataset(tmp_path):
 def test_demo_default_size_is_fast(tmp_path):
     import time
 
-    start = time.time()
+    # CPU time of this process (all its threads), not wall time: other jobs on a shared
+    # machine stretch the wall clock, not the work done ("generated in seconds": ~4 s here).
+    start = time.process_time()
     demo = ensure_demo_dataset(tmp_path)
-    assert time.time() - start < 30  # "generated in seconds" (about 4 s on the 2-core CI box)
+    assert time.process_time() - start < 30
     assert len(demo.captions) == 8192 and len(demo.val_shards) == 1
