@@ -96,7 +96,24 @@ def run_recorded(flags: list[str], config: Path, patch: bool) -> LossRecorder:
     return recorder
 
 
+def allow_cpu_ddp() -> None:
+    """open_clip_train wraps the model in DDP with device_ids=[device] even on CPU, which
+    DDP rejects; drop device_ids for CPU devices (what DDP expects there)."""
+    import torch
+
+    ddp = torch.nn.parallel.DistributedDataParallel
+
+    class CpuTolerantDDP(ddp):
+        def __init__(self, module, device_ids=None, **kwargs):
+            if device_ids and all(torch.device(d).type == "cpu" for d in device_ids):
+                device_ids = None
+            super().__init__(module, device_ids=device_ids, **kwargs)
+
+    torch.nn.parallel.DistributedDataParallel = CpuTolerantDDP
+
+
 if __name__ == "__main__":
+    allow_cpu_ddp()
     out, patch, config_path = sys.argv[1], sys.argv[2] == "1", Path(sys.argv[3])
     result = run_recorded(sys.argv[sys.argv.index("--") + 1:], config_path, patch)
     Path(f"{out}.{os.environ.get('RANK', '0')}").write_text(
