@@ -105,3 +105,19 @@ def test_open_clip_train_on_two_gloo_ranks_gives_the_same_losses_on_clip_fast(tm
         assert set(theirs[rank]["classes"]) == {"open_clip.loss.ClipLoss"}
         assert set(ours[rank]["classes"]) == {"clip_fast.loss.ContrastiveLoss"}
         _assert_same_training(theirs[rank]["losses"], ours[rank]["losses"], BATCH)
+
+
+def test_module_entry_point_applies_the_patch_then_runs_open_clip_train(capsys):
+    """`python -m clip_fast.open_clip_train FLAGS` = apply_to_open_clip + open_clip's main(FLAGS)."""
+    import open_clip.factory as factory
+
+    from clip_fast.open_clip_train import main
+
+    try:
+        with pytest.raises(SystemExit) as exit_info:
+            main(["--help"])  # open_clip's own argparse answers
+        assert exit_info.value.code == 0
+        assert factory.ClipLoss is clip_fast.ContrastiveLoss
+    finally:
+        clip_fast.revert_open_clip_patch()
+    assert "--train-data" in capsys.readouterr().out
