@@ -12,7 +12,10 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "ContrastiveLoss": "clip_fast.loss",
+    "LossInputError": "clip_fast._checks",
     "SigLipLoss": "clip_fast.siglip",
+    "apply_to_open_clip": "clip_fast.open_clip_patch",
+    "revert_open_clip_patch": "clip_fast.open_clip_patch",
     "stochastic_round": "clip_fast.optim",
 }
 

@@ -1,37 +1,48 @@
-"""Input checks shared by the losses: errors name the argument and what was expected."""
+"""Input handling shared by the losses: checks whose errors name the argument and what
+was expected, scalars as tensors, the empty-batch value, and autocast switched off
+around the losses' own arithmetic."""
 from __future__ import annotations
 
+import contextlib
 import numbers
-from typing import Optional, Union
+from typing import ContextManager, Optional, Union
 
 import torch
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
+class LossInputError(ValueError, RuntimeError, IndexError):
+    """Bad loss input. A ValueError (the message names the argument and what was
+    expected), and also a RuntimeError and an IndexError: open_clip's losses raise one
+    of those for the same inputs (from the matmul or cross_entropy), so code written
+    against open_clip's exceptions still catches it."""
+
+
 def check_feature_pair(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
-    """Both (B, D) floating-point tensors of one shape, dtype and device, B, D >= 1."""
+    """Both (B, D) floating-point tensors of one shape, dtype and device, D >= 1 (B = 0
+    is allowed: the losses return NaN for it, as open_clip's do)."""
     for name, x in (("image_features", image_features), ("text_features", text_features)):
         if not isinstance(x, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor of shape (batch, dim), got {type(x).__name__}")
         if x.dim() != 2:
-            raise ValueError(f"{name} must be 2-D (batch, dim), got shape {tuple(x.shape)}")
+            raise LossInputError(f"{name} must be 2-D (batch, dim), got shape {tuple(x.shape)}")
         if x.dtype not in FLOAT_DTYPES:
-            raise ValueError(f"{name} must be fp16, bf16, fp32 or fp64, got {x.dtype}")
-        if x.shape[0] < 1 or x.shape[1] < 1:
-            raise ValueError(f"{name} must have batch >= 1 and dim >= 1, got shape {tuple(x.shape)}")
+            raise LossInputError(f"{name} must be fp16, bf16, fp32 or fp64, got {x.dtype}")
+        if x.shape[1] < 1:
+            raise LossInputError(f"{name} must have dim >= 1, got shape {tuple(x.shape)}")
     if image_features.shape != text_features.shape:
-        raise ValueError(
+        raise LossInputError(
             "image_features and text_features must have the same shape (batch, dim), got "
             f"{tuple(image_features.shape)} and {tuple(text_features.shape)}"
         )
     if image_features.device != text_features.device:
-        raise ValueError(
+        raise LossInputError(
             "image_features and text_features must be on the same device, got "
             f"{image_features.device} and {text_features.device}"
         )
     if image_features.dtype != text_features.dtype:
-        raise ValueError(
+        raise LossInputError(
             "image_features and text_features must have the same dtype, got "
             f"{image_features.dtype} and {text_features.dtype}"
         )
@@ -39,7 +50,9 @@ def check_feature_pair(image_features: torch.Tensor, text_features: torch.Tensor
 
 def as_scalar(value: Union[torch.Tensor, float, None], name: str, like: torch.Tensor) -> Optional[torch.Tensor]:
     """`logit_scale` / `logit_bias` as a 0-dim tensor on `like`'s device (None stays None).
-    Python numbers become constant fp32 tensors; tensors keep their autograd graph."""
+    Python numbers and integer tensors (which open_clip accepts too; they carry no
+    gradient) become constant fp32 tensors; floating-point tensors keep their dtype
+    and autograd graph."""
     if value is None:
         return None
     if isinstance(value, numbers.Real) and not isinstance(value, bool):
@@ -47,9 +60,33 @@ def as_scalar(value: Union[torch.Tensor, float, None], name: str, like: torch.Te
     if not isinstance(value, torch.Tensor):
         raise TypeError(f"{name} must be a tensor or a number, got {type(value).__name__}")
     if value.numel() != 1:
-        raise ValueError(f"{name} must be a scalar tensor (one element), got shape {tuple(value.shape)}")
-    if not value.is_floating_point():
-        raise ValueError(f"{name} must be a floating-point tensor, got {value.dtype}")
+        raise LossInputError(f"{name} must be a scalar tensor (one element), got shape {tuple(value.shape)}")
+    if value.is_complex() or value.dtype == torch.bool:
+        raise LossInputError(f"{name} must be a real number tensor, got {value.dtype}")
     if value.device != like.device:
-        raise ValueError(f"{name} must be on the features' device {like.device}, got {value.device}")
+        raise LossInputError(f"{name} must be on the features' device {like.device}, got {value.device}")
+    if not value.is_floating_point():
+        value = value.to(torch.float32)
     return value.reshape(())
+
+
+def empty_batch_loss(
+    image: torch.Tensor, text: torch.Tensor, scale: torch.Tensor, bias: Optional[torch.Tensor]
+) -> torch.Tensor:
+    """The loss of a batch of 0 pairs: NaN (a mean over no terms, 0/0, as open_clip
+    returns), in the dtype non-empty batches get, attached to the inputs' graph with
+    zero gradients (empty for the features, 0 for the scale and bias)."""
+    total = (image.sum() + text.sum()) * scale  # = 0; gradients 0
+    if bias is not None:
+        total = total + 0 * bias
+    out_dtype = torch.promote_types(image.dtype, torch.float32)
+    return total.to(out_dtype) + torch.tensor(float("nan"), dtype=out_dtype, device=image.device)
+
+
+def autocast_off(like: torch.Tensor) -> ContextManager:
+    """Autocast disabled for `like`'s device type: the losses compute in the dtypes they
+    choose for the tensors they are given, so the value (and its gradient) is the same
+    inside `torch.autocast` as outside it."""
+    if like.device.type not in ("cpu", "cuda", "xpu", "mps", "hpu", "xla"):
+        return contextlib.nullcontext()
+    return torch.autocast(device_type=like.device.type, enabled=False)

@@ -48,6 +48,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
+from clip_fast._checks import autocast_off, empty_batch_loss
 from clip_fast.loss import logit_grads, lse_stats, rowwise_dot
 
 
@@ -119,8 +120,14 @@ def _merge_column_lse(col_part: torch.Tensor, extra: torch.Tensor, spec: ShardSp
 class ShardedContrastiveFunction(torch.autograd.Function):
     """open_clip ClipLoss over a process group, from this rank's (b x B) row block."""
 
+    # forward and backward run with autocast off, as the single-process loss does
     @staticmethod
     def forward(ctx, image, text, scale, bias, spec: ShardSpec):
+        with autocast_off(image):
+            return ShardedContrastiveFunction._forward(ctx, image, text, scale, bias, spec)
+
+    @staticmethod
+    def _forward(ctx, image, text, scale, bias, spec: ShardSpec):
         b = image.shape[0]
         B = b * spec.world_size
         text_all = _all_gather(text, spec)  # (B, D); the images never need gathering
@@ -152,6 +159,11 @@ class ShardedContrastiveFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
+        with autocast_off(grad_loss):
+            return ShardedContrastiveFunction._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
         image, text, scale, bias, text_all, row_lse, col_lse = ctx.saved_tensors
         bias = bias if ctx.has_bias else None
         spec: ShardSpec = ctx.spec
@@ -241,4 +253,6 @@ def sharded_contrastive_loss(
     """Entry point for ContrastiveLoss.forward when world_size > 1 (inputs already
     validated locally): checks the shapes across ranks, then runs the sharded loss."""
     check_group(image_features, spec.rank, spec.world_size, spec.group)
+    if image_features.shape[0] == 0:  # on every rank (check_group): NaN, as open_clip
+        return empty_batch_loss(image_features, text_features, logit_scale, logit_bias)
     return ShardedContrastiveFunction.apply(image_features, text_features, logit_scale, logit_bias, spec)

@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from clip_fast._backend import contrastive_backward, requested_backend, use_triton
-from clip_fast._checks import as_scalar, check_feature_pair
+from clip_fast._checks import as_scalar, autocast_off, check_feature_pair, empty_batch_loss
 
 # Elements of one (chunk x N) block of S on the CPU path: 2^23 fp32 = 32 MiB. Forward holds
 # one such block; backward one with the C++ kernels (two in split mode and on the torch
@@ -292,8 +292,17 @@ def _scalar32(x: torch.Tensor | None) -> torch.Tensor | None:
 
 
 class _ContrastiveLossFunction(torch.autograd.Function):
+    """Forward and backward run with autocast off (in the dtypes the inputs come in),
+    so the value is the same inside torch.autocast as outside, and the backward is
+    its exact gradient."""
+
     @staticmethod
     def forward(ctx, image, text, scale, bias, deterministic):
+        with autocast_off(image):
+            return _ContrastiveLossFunction._forward(ctx, image, text, scale, bias, deterministic)
+
+    @staticmethod
+    def _forward(ctx, image, text, scale, bias, deterministic):
         row_lse, col_lse = lse_stats(image, text, scale, bias)
         cd = row_lse.dtype
         diag_dot = rowwise_dot(image.to(cd), text.to(cd))  # (B,) I[i] . T[i]
@@ -311,6 +320,11 @@ class _ContrastiveLossFunction(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx, grad_loss):
+        with autocast_off(grad_loss):
+            return _ContrastiveLossFunction._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
         image, text, scale, bias, row_lse, col_lse = ctx.saved_tensors
         B = image.shape[0]
         cd = row_lse.dtype
@@ -381,7 +395,9 @@ class ContrastiveLoss(nn.Module):
         check_feature_pair(image_features, text_features)
         logit_scale = as_scalar(logit_scale, "logit_scale", image_features)
         logit_bias = as_scalar(logit_bias, "logit_bias", image_features)
-        if self.world_size > 1:
+        if image_features.shape[0] == 0 and self.world_size == 1:
+            loss = empty_batch_loss(image_features, text_features, logit_scale, logit_bias)
+        elif self.world_size > 1:
             if self.use_horovod:
                 raise NotImplementedError("ContrastiveLoss(use_horovod=True): only torch.distributed is supported")
             from clip_fast.distributed_loss import ShardSpec, sharded_contrastive_loss

@@ -38,7 +38,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from clip_fast._backend import requested_backend, use_triton
-from clip_fast._checks import as_scalar, check_feature_pair
+from clip_fast._checks import as_scalar, autocast_off, check_feature_pair, empty_batch_loss
 
 # CPU path tiles of S: up to _CPU_TILE_ROWS rows x (_CPU_TILE_ELEMENTS / rows) columns
 # (~4 MiB per fp32 temporary, a few alive at a time): memory O(tile), not O(B^2).
@@ -204,10 +204,17 @@ def _block(
 
 
 class SigLipFunction(torch.autograd.Function):
-    """Fused SigLIP loss of one process: forward computes loss and every gradient."""
+    """Fused SigLIP loss of one process: forward computes loss and every gradient, with
+    autocast off (in the inputs' own dtypes), so the value is the same inside
+    torch.autocast as outside and the backward is its exact gradient."""
 
     @staticmethod
     def forward(ctx, image, text, logit_scale, logit_bias):
+        with autocast_off(image):
+            return SigLipFunction._forward(ctx, image, text, logit_scale, logit_bias)
+
+    @staticmethod
+    def _forward(ctx, image, text, logit_scale, logit_bias):
         B, D = image.shape
         d_image = _new_grad(B, D, image)
         d_text = _new_grad(B, D, image)
@@ -219,6 +226,11 @@ class SigLipFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
+        with autocast_off(grad_loss):
+            return SigLipFunction._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
         d_image, d_text, stats = ctx.saved_tensors
         image_dtype, text_dtype, scale_dtype, bias_dtype = ctx.dtypes
         g = grad_loss.to(stats.dtype)
@@ -283,10 +295,16 @@ class _Ring:
 
 
 class RingSigLipFunction(torch.autograd.Function):
-    """SigLIP loss of this rank over all ranks' text blocks, exchanged around a ring."""
+    """SigLIP loss of this rank over all ranks' text blocks, exchanged around a ring
+    (autocast off, as in SigLipFunction)."""
 
     @staticmethod
     def forward(ctx, image, text, logit_scale, logit_bias, ring: _Ring):
+        with autocast_off(image):
+            return RingSigLipFunction._forward(ctx, image, text, logit_scale, logit_bias, ring)
+
+    @staticmethod
+    def _forward(ctx, image, text, logit_scale, logit_bias, ring: _Ring):
         b, D = image.shape
         inv_n = 1.0 / b
         d_image = _new_grad(b, D, image)
@@ -316,6 +334,11 @@ class RingSigLipFunction(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable
     def backward(ctx, grad_loss):
+        with autocast_off(grad_loss):
+            return RingSigLipFunction._backward(ctx, grad_loss)
+
+    @staticmethod
+    def _backward(ctx, grad_loss):
         d_image, d_text_own, stats = ctx.saved_tensors
         ring: _Ring = ctx.ring
         contributions = ctx.contributions
@@ -414,6 +437,9 @@ class SigLipLoss(nn.Module):
             from clip_fast.distributed_loss import check_group
 
             check_group(image_features, self.rank, self.world_size)
+        if image_features.shape[0] == 0:  # NaN, as open_clip (on every rank: checked above)
+            loss = empty_batch_loss(image_features, text_features, scale, bias)
+        elif self.world_size > 1:
             ring = _Ring.for_impl(self.dist_impl, self.rank, self.world_size)
             loss = RingSigLipFunction.apply(image_features, text_features, scale, bias, ring)
         else:
