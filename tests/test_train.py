@@ -8,9 +8,13 @@ What is checked against something independent:
   - 2-process DDP (gloo, spawned without torchrun): the logged step-1 loss equals the loss
     of the union of both ranks' batches computed in one process, and one DDP step moves
     the weights like a single-process step on that union batch;
-  - the MFU FLOP count equals torch's FlopCounterMode count of the towers' matmuls plus
-    the attention products (which FlopCounterMode does not see on CPU);
-  - bad flags fail with clear errors.
+  - LiT: --pretrained from a saved checkpoint with --lock-image leaves exactly the image
+    tower unchanged;
+  - faults: a diverging run stops non-zero with valid JSON and no non-finite checkpoint;
+    --resume of another model, a text file or a truncated .pt is one line; `latest`
+    skips a damaged newest file; an unwritable checkpoint is one line naming the path;
+  - torchrun with 2 gloo ranks and `-- --logs=DIR`.
+(Command-line tables: test_train_config.py; retrieval, locking, FLOPs: test_train_eval.py.)
 """
 from __future__ import annotations
 
@@ -50,9 +54,9 @@ def tokenizer_file(demo, tmp_path_factory):
 def _argv(demo, save_dir, name, *extra: str) -> list[str]:
     return [
         "--train-data", os.path.dirname(demo.train_shards[0]) + "/*.tar",
-        "--val-data", demo.val_shards[0], "--zeroshot-data", demo.zeroshot_dir,
-        "--save-dir", str(save_dir), "--name", name, "--batch-size", "16", "--workers", "0",
-        "--warmup", "2", "--lr", "1e-3", "--log-every", "1", "--device", "cpu", *extra,
+        "--val-data", demo.val_shards[0], "--imagenet-val", demo.zeroshot_dir,
+        "--logs", str(save_dir), "--name", name, "--batch-size", "16", "--workers", "0",
+        "--warmup", "2", "--lr", "1e-3", "--log-every-n-steps", "1", "--device", "cpu", *extra,
     ]
 
 
@@ -64,12 +68,19 @@ def _load(path) -> dict:
 
 
 def test_short_run_checkpoint_logs_and_zeroshot_cli(demo, tmp_path, capsys):
-    out = T.train(_argv(demo, tmp_path, "short", "--max-steps", "3", "--epochs", "1", "--vocab-size", "800"))
+    out = T.train(_argv(demo, tmp_path, "short", "--max-steps", "3", "--epochs", "1", "--vocab-size", "800",
+                        "--save-most-recent", "--report-to", "tensorboard"))
     printed = capsys.readouterr().out
     assert out["step"] == 3 and math.isfinite(out["loss"])
     run = tmp_path / "short"
     ckpt_path = run / "checkpoints" / "step_3.pt"
-    assert ckpt_path.is_file() and (run / "checkpoints" / "latest.pt").is_file()
+    assert ckpt_path.is_file() and (run / "checkpoints" / "epoch_latest.pt").is_file()
+    assert "step 3/3" in (run / "out.log").read_text() and "batch_size: 16" in (run / "params.txt").read_text()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
     assert not list((run / "checkpoints").glob(".*tmp*")), "temporary files left behind"
 
     # Logs in open_clip's terms, one JSON line per logged step.
@@ -79,7 +90,8 @@ def test_short_run_checkpoint_logs_and_zeroshot_cli(demo, tmp_path, capsys):
         assert all(math.isfinite(r[key]) for r in recs), key
     assert recs[0]["mfu"] is None  # CPU: no peak to compare with
     assert recs[0]["lr"] == pytest.approx(1e-3 * 1 / 2) and recs[1]["lr"] == pytest.approx(1e-3)  # warmup 2
-    assert "samples/s" in printed and "data-wait" in printed and "MFU n/a" in printed and "[3/6 steps" in printed
+    assert "samples/s" in printed and "data-wait" in printed and "[3/6 steps" in printed
+    assert "/s/gpu" not in printed and "MFU" not in printed  # CPU: no per-GPU rate, no peak
 
     # Checkpoint content; weights_only=True loading must work (it is what model.load uses).
     ckpt = _load(ckpt_path)
@@ -114,7 +126,7 @@ def test_short_run_checkpoint_logs_and_zeroshot_cli(demo, tmp_path, capsys):
 def test_siglip_amp_bf16_checkpointing_resnet(demo, tokenizer_file, tmp_path):
     """The other code paths in one short run: SigLIP (model gets a logit bias), bf16
     autocast on CPU, gradient checkpointing, the ModifiedResNet tower."""
-    out = T.train(_argv(demo, tmp_path, "rn", "--model", "tiny-rn", "--loss", "siglip", "--precision", "amp_bf16",
+    out = T.train(_argv(demo, tmp_path, "rn", "--model", "tiny-rn", "--siglip", "--precision", "amp_bf16",
                         "--grad-checkpointing", "--max-steps", "2", "--tokenizer", tokenizer_file))
     assert out["step"] == 2 and math.isfinite(out["loss"])
     ckpt = _load(out["checkpoint"])
