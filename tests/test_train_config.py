@@ -79,7 +79,8 @@ def test_accepted_open_clip_flags_parse():
         "--lock-image", "--lock-image-unlocked-groups", "2", "--lock-text", "--lock-text-unlocked-layers", "1",
         "--zeroshot-frequency", "1", "--val-frequency", "2", "--save-most-recent", "--delete-previous-checkpoint",
         "--log-every-n-steps", "5", "--ddp-static-graph", "--use-bn-sync", "--no-set-device-rank", "--seed", "3",
-        "--opt", "adamw", "--cache-dir", "/tmp", "--report-to", "tensorboard"])
+        "--opt", "adamw", "--cache-dir", "/tmp", "--report-to", "tensorboard",
+        "--train-data", "x.tar"])
     assert args.lr == 5e-4 and args.beta2 == 0.98 and args.eps == 1e-6  # open_clip's ViT defaults
     assert C.precision_mode(args, "cpu") == "bf16"
     rn = C.parse_args(["--logs", "none", "--model", "RN50", "--train-data", "x.tar"])

@@ -125,8 +125,9 @@ def test_peak_flops_cpu_and_nvl(monkeypatch):
     assert peak_flops(torch.device("cpu"), "bf16") is None
     monkeypatch.setattr(torch.cuda, "get_device_name", lambda device=None: "NVIDIA H200 NVL")
     assert peak_flops(torch.device("cuda", 0), "amp_bf16") == 835e12
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", False)
-    monkeypatch.setattr(torch, "get_float32_matmul_precision", lambda: "highest")
+    from clip_fast.model import flops
+
+    monkeypatch.setattr(flops, "tf32_enabled", lambda: False)
     assert peak_flops(torch.device("cuda", 0), "fp32") == 60e12  # plain fp32 when TF32 is off
-    monkeypatch.setattr(torch.backends.cuda.matmul, "allow_tf32", True)
+    monkeypatch.setattr(flops, "tf32_enabled", lambda: True)
     assert peak_flops(torch.device("cuda", 0), "fp32") == 835e12 / 2
