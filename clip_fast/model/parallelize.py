@@ -40,6 +40,11 @@ def fp32_allreduce_hook(process_group: dist.ProcessGroup | None, bucket: dist.Gr
     return future.then(lambda fut: buffer.copy_(fut.value()[0]))
 
 
+# DDP checks the hook's annotations as objects (this module's are strings).
+fp32_allreduce_hook.__annotations__.update(bucket=dist.GradBucket, process_group=dist.ProcessGroup,
+                                           **{"return": torch.futures.Future[torch.Tensor]})
+
+
 def _average_grad_hook(param: torch.Tensor) -> None:
     if param.grad is not None:
         dist.all_reduce(param.grad)
