@@ -42,6 +42,7 @@ import numpy as np
 import torch
 
 from .._backend import warn_once
+from .images import to_8bit
 from .shards import ShardIndex, expand_shards, load_shard_indexes
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -57,7 +58,7 @@ class LoaderStats:
     samples: good samples in the whole shard list (all ranks); rank_samples: this rank's
     share in the current epoch; skipped: samples left out when the shards were indexed,
     by reason (corrupt_image, missing_caption, empty_caption, bad_caption_encoding,
-    missing_image, truncated_shard); decode_errors: images that still failed to decode
+    missing_image, truncated_shard; unreadable_shard counts shards: see shards.SKIP_REASONS); decode_errors: images that still failed to decode
     at run time (torch path; each is replaced by the next sample of the list).
     """
 
@@ -154,7 +155,7 @@ def pil_transform(img, image_size: int, train: bool, rng: np.random.Generator | 
     """open_clip's image transform on a PIL image, up to the uint8 (S, S, 3) array."""
     from PIL import Image
 
-    img = img.convert("RGB")
+    img = to_8bit(img).convert("RGB")
     s = image_size
     if train:
         left, top, w, h = random_resized_crop_box(img.width, img.height, rng)
@@ -518,6 +519,26 @@ def _half_even_half(margin):
 
 
 # ----------------------------------------------------------------------------- factory
+def check_loader_args(*, batch_size: int, image_size: int, tokenize: Callable, rank: int, world_size: int,
+                      device: str | torch.device, dtype: torch.dtype, num_workers: int) -> torch.device:
+    """Validate the arguments every loader factory shares; returns `device` as a torch.device."""
+    for name, value in (("batch_size", batch_size), ("image_size", image_size), ("world_size", world_size)):
+        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+            raise ValueError(f"{name} must be a positive int, got {value!r}")
+    if not isinstance(rank, int) or not 0 <= rank < world_size:
+        raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+    if not isinstance(num_workers, int) or num_workers < 0:
+        raise ValueError(f"num_workers must be a non-negative int, got {num_workers!r}")
+    if not callable(tokenize):
+        raise TypeError("tokenize must be callable: list[str] -> LongTensor (n, context_length)")
+    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
+        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
+    device = torch.device(device)
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device must be a cpu or cuda device, got {device}")
+    return device
+
+
 def build_loader(
     shards: list[str] | str,
     batch_size: int,
@@ -551,21 +572,10 @@ def build_loader(
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
-    for name, value in (("batch_size", batch_size), ("image_size", image_size), ("world_size", world_size),
-                        ("shuffle_buffer", shuffle_buffer)):
-        if not isinstance(value, int) or isinstance(value, bool) or value < 1:
-            raise ValueError(f"{name} must be a positive int, got {value!r}")
-    if not isinstance(rank, int) or not 0 <= rank < world_size:
-        raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
-    if not isinstance(num_workers, int) or num_workers < 0:
-        raise ValueError(f"num_workers must be a non-negative int, got {num_workers!r}")
-    if not callable(tokenize):
-        raise TypeError("tokenize must be callable: list[str] -> LongTensor (n, context_length)")
-    if not isinstance(dtype, torch.dtype) or not dtype.is_floating_point:
-        raise TypeError(f"dtype must be a floating torch.dtype, got {dtype!r}")
-    device = torch.device(device)
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device must be a cpu or cuda device, got {device}")
+    if not isinstance(shuffle_buffer, int) or isinstance(shuffle_buffer, bool) or shuffle_buffer < 1:
+        raise ValueError(f"shuffle_buffer must be a positive int, got {shuffle_buffer!r}")
+    device = check_loader_args(batch_size=batch_size, image_size=image_size, tokenize=tokenize, rank=rank,
+                               world_size=world_size, device=device, dtype=dtype, num_workers=num_workers)
     paths = expand_shards(shards)
     if not paths:
         raise ValueError("shards is empty: give at least one .tar shard")

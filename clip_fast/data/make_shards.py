@@ -29,17 +29,23 @@ from pathlib import Path
 
 import numpy as np
 
+from .images import to_8bit
 from .shards import ShardWriter
 
 IMAGE_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff"}
 
 
 def list_folder(src: Path, skipped: Counter, examples: dict) -> list[tuple[Path, Path | str]]:
-    """(image path, caption path) pairs of a folder tree; images without a caption are skipped."""
+    """(image path, caption path) pairs of a folder tree; images without a caption and
+    captions (.txt) without an image are counted and listed as skipped."""
     items = []
     for dirpath, dirnames, filenames in os.walk(src):
         dirnames.sort()
+        image_stems = {Path(n).stem for n in filenames if Path(n).suffix.lower() in IMAGE_SUFFIXES and not n.startswith(".")}
         for name in sorted(filenames):
+            if name.endswith(".txt") and not name.startswith(".") and Path(name).stem not in image_stems:
+                skipped["missing_image"] += 1
+                examples["missing_image"].append(str(Path(dirpath) / name))
             path = Path(dirpath) / name
             if path.suffix.lower() not in IMAGE_SUFFIXES or name.startswith("."):
                 continue
@@ -93,6 +99,7 @@ def prepare(item: tuple[Path, Path | str], quality: int) -> tuple[bytes | None, 
             img.load()  # full decode: truncated or damaged files fail here
             if img.format == "JPEG" and img.mode in ("RGB", "L"):
                 return data, caption, None
+            img = to_8bit(img)  # 16-bit greyscale would come out white
             if img.mode != "RGB":
                 # Transparent pixels over white, as a viewer shows them, not as black.
                 rgba = img.convert("RGBA")

@@ -16,7 +16,8 @@ Shards written by `ShardWriter` (`make_shards`, the demo dataset) come with a ma
 `clip_fast_shards.json`, recording every shard's size: its indexes were built from images
 that decoded, so they are trusted as they are. Any other tar is scanned once (tar headers,
 captions, a reduced-size decode of each image), and the filtered index is cached under
-`$CLIP_FAST_CACHE/index` (default ~/.cache/clip_fast/index), keyed by path, size and mtime.
+`$CLIP_FAST_CACHE/index` (default ~/.cache/clip_fast/index), keyed by path, size and mtime. Under torch.distributed, `load_shard_indexes_distributed`
+splits that work across the ranks (each shard scanned once) before they meet.
 """
 from __future__ import annotations
 
@@ -24,10 +25,12 @@ import glob
 import hashlib
 import io
 import json
+import logging
 import os
 import re
 import tarfile
-import tempfile
+import threading
+import uuid
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
@@ -43,6 +46,9 @@ _MANIFEST_FORMAT = "clip_fast.shards/1"
 IMAGE_EXTS = ("jpg", "jpeg", "png", "webp")
 CAPTION_EXT = "txt"
 # Why a sample was skipped (keys of the skip counters, also used by make_shards).
+# truncated_shard counts the samples a cut tar lost (those its DALI index lists beyond
+# the cut; without an index, 1: at least the sample that was cut); unreadable_shard
+# counts whole shards that could not be read (zero bytes, no permission, not a tar).
 SKIP_REASONS = (
     "missing_image",
     "missing_caption",
@@ -50,7 +56,9 @@ SKIP_REASONS = (
     "bad_caption_encoding",
     "corrupt_image",
     "truncated_shard",
+    "unreadable_shard",
 )
+log = logging.getLogger("clip_fast.data")
 
 
 def cache_root() -> Path:
@@ -90,12 +98,18 @@ def read_index(path: str | os.PathLike) -> list[list[tuple[str, int, int, str]]]
 
 
 def _atomic_write_text(path: Path, text: str) -> None:
-    """Write via a temporary file + rename: concurrent ranks never see a partial file."""
+    """Write via a temporary file + rename: concurrent ranks never see a partial file.
+    The file gets the permissions of any new file (0666 less the umask), like the tars."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    with os.fdopen(fd, "w", encoding="utf-8") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{threading.get_ident()}.{uuid.uuid4().hex[:8]}"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # the kernel applies the umask
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            f.write(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 # ------------------------------------------------------------------------------ writing
@@ -175,13 +189,15 @@ class ShardIndex:
     """The readable samples of one tar shard.
 
     `offsets` is (n, 4) int64: image data offset, image size, caption offset, caption size.
-    `index_path` is a DALI index listing exactly these samples, in this order.
+    `index_path` is a DALI index listing exactly these samples, in this order ("" for a
+    shard that could not be read). `problems`: one line per fault found, naming the shard.
     """
 
     path: str
     index_path: str
     offsets: np.ndarray
     skipped: Counter = field(default_factory=Counter)
+    problems: list[str] = field(default_factory=list)
 
     def __len__(self) -> int:
         return len(self.offsets)
@@ -246,6 +262,8 @@ def scan_shard(path: str | os.PathLike, verify_images: bool = True) -> tuple[lis
         tail = os.pread(f.fileno(), 512, end)
         if len(tail) < 512 or any(tail):
             skipped["truncated_shard"] += 1
+            if groups and _incomplete(groups[-1][1]):
+                groups.pop()  # the sample the cut went through: counted as truncated
         entries = []
         for key, comps in groups:
             img = next((comps[e] for e in IMAGE_EXTS if e in comps), None)
@@ -272,6 +290,24 @@ def scan_shard(path: str | os.PathLike, verify_images: bool = True) -> tuple[lis
                 [(img_ext, img.offset_data, img.size, img.name), (CAPTION_EXT, txt.offset_data, txt.size, txt.name)]
             )
     return entries, skipped
+
+
+def _incomplete(components: dict[str, tarfile.TarInfo]) -> bool:
+    return CAPTION_EXT not in components or not any(e in components for e in IMAGE_EXTS)
+
+
+def _truncation_loss(path: Path, kept: int) -> tuple[int | None, str]:
+    """(samples lost, problem line) of a truncated shard: the samples its own DALI index
+    (NAME.idx next to it, as make_shards writes) lists with data past the end of the file;
+    (None, ...) without a readable index."""
+    size = path.stat().st_size
+    idx = path.with_suffix(".idx")
+    try:
+        listed = read_index(idx)
+    except (OSError, ValueError):
+        return None, f"{path}: truncated at {size} bytes; at least 1 sample lost ({kept} kept; no index {idx.name} to count the others)"
+    lost = sum(1 for comps in listed if any(off + n > size for _, off, n, _ in comps))
+    return lost, f"{path}: truncated at {size} bytes; {lost} of the {len(listed)} samples in {idx.name} lost ({kept} kept)"
 
 
 def _trusted_index(path: Path) -> Path | None:
@@ -311,7 +347,9 @@ def load_shard_index(path: str | os.PathLike, verify_images: bool | None = None)
     if not p.is_file():
         raise FileNotFoundError(f"shard not found or not a file: {p}")
     if not os.access(p, os.R_OK):
-        raise PermissionError(f"shard is not readable: {p}")
+        return _unreadable(p, "no read permission")
+    if p.stat().st_size == 0:
+        return _unreadable(p, "zero bytes")
     if verify_images is not True:
         idx = _trusted_index(p)
         if idx is not None:
@@ -325,23 +363,98 @@ def load_shard_index(path: str | os.PathLike, verify_images: bool | None = None)
     idx, meta = stem.with_suffix(".idx"), stem.with_suffix(".json")
     if idx.is_file() and meta.is_file():
         try:
-            return ShardIndex(str(p), str(idx), _offsets(read_index(idx)), Counter(json.loads(meta.read_text())))
-        except (ValueError, json.JSONDecodeError):
-            pass  # a damaged cache entry: scan again
-    entries, skipped = scan_shard(p, verify_images=verify)
+            cached = json.loads(meta.read_text())
+            return ShardIndex(str(p), str(idx), _offsets(read_index(idx)), Counter(cached["skipped"]), cached["problems"])
+        except (ValueError, KeyError, TypeError):  # a damaged or older cache entry: scan again
+            pass
+    try:
+        entries, skipped = scan_shard(p, verify_images=verify)
+    except (ValueError, OSError) as e:
+        return _unreadable(p, str(e).removeprefix(f"{p}: "))
+    problems = []
+    if skipped["truncated_shard"]:
+        lost, line = _truncation_loss(p, len(entries))
+        skipped["truncated_shard"] = lost if lost is not None else skipped["truncated_shard"]
+        problems.append(line)
     write_index(idx, entries)
-    _atomic_write_text(meta, json.dumps(dict(skipped)))
-    return ShardIndex(str(p), str(idx), _offsets(entries), skipped)
+    _atomic_write_text(meta, json.dumps({"skipped": dict(skipped), "problems": problems}))
+    return ShardIndex(str(p), str(idx), _offsets(entries), skipped, problems)
 
 
-def load_shard_indexes(paths: list[str], verify_images: bool | None = None, num_threads: int = 4) -> list[ShardIndex]:
-    """Index many shards in parallel (scans decode images; PIL releases the GIL)."""
+def _unreadable(path: Path, why: str) -> ShardIndex:
+    """The index of a shard that cannot be read: no samples, counted as unreadable_shard."""
+    return ShardIndex(str(path), "", np.empty((0, 4), dtype=np.int64), Counter(unreadable_shard=1),
+                      [f"{path}: unreadable shard skipped ({why})"])
+
+
+def _index_in_threads(paths: list[str], verify_images: bool | None, num_threads: int) -> list[ShardIndex]:
     with ThreadPoolExecutor(max_workers=max(1, num_threads)) as pool:
         return list(pool.map(lambda p: load_shard_index(p, verify_images), paths))
 
 
+def load_shard_indexes(paths: list[str], verify_images: bool | None = None, num_threads: int = 4) -> list[ShardIndex]:
+    """Index many shards in parallel (scans decode images; PIL releases the GIL). Each
+    shard's problems are logged as warnings; ValueError when no shard can be read."""
+    indexes = _index_in_threads(paths, verify_images, num_threads)
+    for index in indexes:
+        for line in index.problems:
+            log.warning("clip_fast.data: %s", line)
+    unreadable = [i for i in indexes if i.skipped["unreadable_shard"]]
+    if indexes and len(unreadable) == len(indexes):
+        shown = "; ".join(i.problems[0] for i in unreadable[:3])
+        raise ValueError(f"none of the {len(indexes)} shard(s) can be read: {shown}")
+    return indexes
+
+
+def load_shard_indexes_distributed(paths: list[str], verify_images: bool | None = None, num_threads: int = 4,
+                                   group=None) -> list[ShardIndex]:
+    """`load_shard_indexes` on every rank of a torch.distributed group, each shard indexed once.
+
+    Rank r of W indexes (scans, decode-checks, caches under `cache_root()`) the shards
+    paths[r::W]; the ranks meet in one all_gather_object of their errors (every rank raises
+    if one failed, none is left waiting); then each rank loads every index, from the cache
+    (a cache folder on a shared file system or the same node) or, where another rank's
+    cache is not visible, by its own scan of that shard. A last all_gather_object of a
+    digest of the indexes checks that all ranks see the same samples. Without an
+    initialised group of more than one rank it is `load_shard_indexes`. Every rank of the
+    group must call it with the same `paths`.
+    """
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size(group) == 1:
+        return load_shard_indexes(paths, verify_images, num_threads)
+    rank, world = dist.get_rank(group), dist.get_world_size(group)
+    try:
+        _index_in_threads(list(paths)[rank::world], verify_images, num_threads)
+        error = None
+    except Exception as e:  # shared with the other ranks, raised everywhere below
+        error = f"{type(e).__name__}: {e}"
+    errors: list = [None] * world
+    dist.all_gather_object(errors, error, group=group)
+    failed = [(r, e) for r, e in enumerate(errors) if e is not None]
+    if failed:
+        raise RuntimeError(f"indexing shards failed on rank {failed[0][0]}: {failed[0][1]}")
+    indexes = load_shard_indexes(paths, verify_images, num_threads)
+    digests: list = [None] * world
+    dist.all_gather_object(digests, indexes_digest(indexes), group=group)
+    if len(set(digests)) != 1:
+        raise RuntimeError("ranks see different shard indexes (a shard changed while it was indexed?): "
+                           f"digests {digests}")
+    return indexes
+
+
+def indexes_digest(indexes: list[ShardIndex]) -> str:
+    """SHA-1 of the shard paths, sample offsets and skip counts: equal for equal indexes."""
+    h = hashlib.sha1()
+    for index in indexes:
+        h.update(index.path.encode() + b"\0" + np.ascontiguousarray(index.offsets, dtype=np.int64).tobytes())
+        h.update(json.dumps(sorted(index.skipped.items())).encode())
+    return h.hexdigest()
+
+
 def expand_shards(spec: str | os.PathLike | list) -> list[str]:
-    """Shard list from a list of paths, a glob, or braces: 'data/shard-{000000..000009}.tar'."""
+    """Shard list from a list of paths, a glob, braces ('data/shard-{000000..000009}.tar'),
+    or a folder (its *.tar files, e.g. a make_shards output folder)."""
     if isinstance(spec, (list, tuple)):
         out: list[str] = []
         for s in spec:
@@ -350,6 +463,11 @@ def expand_shards(spec: str | os.PathLike | list) -> list[str]:
     if not isinstance(spec, (str, os.PathLike)):
         raise TypeError(f"shards must be a path, a pattern or a list of them, got {type(spec).__name__}")
     spec = os.fspath(spec)
+    if os.path.isdir(spec):
+        tars = sorted(glob.glob(os.path.join(glob.escape(spec), "*.tar")))
+        if not tars:
+            raise FileNotFoundError(f"no .tar shard in folder {spec!r}")
+        return tars
     m = re.search(r"\{(\d+)\.\.(\d+)\}", spec)
     if m:
         lo, hi = m.group(1), m.group(2)

@@ -147,6 +147,24 @@ class Tokenizer:
         return cls(tok, "openai", context_length)
 
     @classmethod
+    def from_hf(cls, path: str | os.PathLike, context_length: int = DEFAULT_CONTEXT_LENGTH) -> "Tokenizer":
+        """The BPE of a Hugging Face CLIP tokenizer: a folder holding `tokenizer.json` or
+        `vocab.json` + `merges.txt`, or a `tokenizer.json` file. Ids are HF's (for OpenAI's
+        vocabulary also open_clip's); HF's `<|startoftext|>` / `<|endoftext|>` become the
+        SOT / EOT, and rows are padded with 0 like every clip_fast tokenizer's."""
+        from tokenizers.models import BPE
+
+        vocab, merges = _read_hf_bpe(Path(path))
+        for hf_name, name in (("<|startoftext|>", SOT_TOKEN), ("<|endoftext|>", EOT_TOKEN)):
+            if hf_name not in vocab:
+                raise ValueError(f"{path}: the vocabulary has no {hf_name} token (not a CLIP tokenizer)")
+            vocab[name] = vocab.pop(hf_name)
+        model = BPE(vocab=vocab, merges=merges, end_of_word_suffix="</w>", unk_token=None, fuse_unk=False)
+        tok = _pipeline(model)
+        tok.add_special_tokens([SOT_TOKEN, EOT_TOKEN])  # already in the vocabulary: their ids stay
+        return cls(tok, "openai", context_length)
+
+    @classmethod
     def train(
         cls,
         captions: Iterable[str],
@@ -261,6 +279,31 @@ class Tokenizer:
 
     def __repr__(self) -> str:
         return f"Tokenizer(kind={self.kind!r}, vocab_size={self.vocab_size}, context_length={self.context_length})"
+
+
+def _read_hf_bpe(path: Path) -> tuple[dict[str, int], list[tuple[str, str]]]:
+    """(vocab, merges) of a HF tokenizer.json, or of a folder with it or vocab.json + merges.txt."""
+    if path.is_dir() and (path / "tokenizer.json").is_file():
+        path = path / "tokenizer.json"
+    if path.is_file():
+        try:
+            model = json.loads(path.read_text(encoding="utf-8"))["model"]
+        except (UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
+            raise ValueError(f"{path}: not a Hugging Face tokenizer.json") from None
+        if model.get("type") != "BPE" or model.get("end_of_word_suffix") != "</w>":
+            raise ValueError(f"{path}: not a CLIP BPE tokenizer (model type {model.get('type')!r}, "
+                             f"end_of_word_suffix {model.get('end_of_word_suffix')!r})")
+        merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
+        return dict(model["vocab"]), merges
+    vocab_file, merges_file = path / "vocab.json", path / "merges.txt"
+    if not (vocab_file.is_file() and merges_file.is_file()):
+        raise ValueError(f"{path}: expected a Hugging Face tokenizer folder (tokenizer.json, or vocab.json + merges.txt)")
+    vocab = json.loads(vocab_file.read_text(encoding="utf-8"))
+    lines = merges_file.read_text(encoding="utf-8").split("\n")
+    merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
+    if any(len(m) != 2 for m in merges):
+        raise ValueError(f"{merges_file}: merge lines must be 'a b'")
+    return vocab, merges
 
 
 def _check_context_length(context_length: int) -> int:

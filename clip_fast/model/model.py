@@ -21,6 +21,7 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import math
+import os
 import zipfile
 from collections import OrderedDict
 from dataclasses import dataclass, field
@@ -31,6 +32,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
+from clip_fast.model import hf_convert
 from clip_fast.model.attention_pool import AttentionPool2d
 from clip_fast.model.backends import LayerNorm, attention
 
@@ -686,6 +688,22 @@ def from_checkpoint(ckpt: dict[str, Any], quick_gelu: bool | None = None) -> CLI
 
 
 def load(path: str, device: torch.device | str = "cpu", quick_gelu: bool | None = None) -> CLIP:
-    """Load a checkpoint file (clip_fast, open_clip, bare state_dict or OpenAI TorchScript)
-    into a CLIP in eval mode on `device`."""
-    return from_checkpoint(read_checkpoint(path), quick_gelu).to(device)
+    """Load pretrained weights into a CLIP in eval mode on `device`: a checkpoint file
+    (clip_fast, open_clip, bare state_dict or OpenAI TorchScript), or a Hugging Face
+    CLIPModel folder / weights file with its config.json (see hf_convert; the config
+    fixes the activation, so `quick_gelu` must be None or match it).
+
+    Nothing is downloaded: a path that does not exist (such as the hub names "openai",
+    "laion2b_s34b_b79k", "openai/clip-vit-base-patch32") is a ValueError."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise ValueError(f"pretrained weights {path!r}: no such file or folder (nothing is downloaded: "
+                         "hub names do not work; pass a checkpoint file or a Hugging Face CLIPModel folder)")
+    hf_files = hf_convert.find_hf_files(path)
+    if hf_files is None:
+        return from_checkpoint(read_checkpoint(path), quick_gelu).to(device)
+    config, state_dict = hf_convert.read_hf_clip(*hf_files)
+    if quick_gelu is not None and quick_gelu != config["quick_gelu"]:
+        raise ValueError(f"quick_gelu={quick_gelu} contradicts {hf_files[0]} (hidden_act gives quick_gelu={config['quick_gelu']})")
+    model = _build_uninitialized(CLIPConfig.from_dict(config))
+    return load_weights(model, state_dict).eval().to(device)
