@@ -366,3 +366,19 @@ def test_torchrun_two_gloo_ranks_with_logs_after_double_dash(demo, tokenizer_fil
     assert out.returncode == 0, out.stderr[-3000:]
     assert (tmp_path / "tr" / "checkpoints" / "step_1.pt").is_file()
     assert len(_load(tmp_path / "tr" / "checkpoints" / "step_1.pt")["rng_states"]) == 2
+
+
+def test_open_clip_readme_command_on_csv(demo, tokenizer_file, tmp_path):
+    """open_clip's README-style command line on a csv file read directly."""
+    rows = [f"{img},a photo of a {img.parent.name.replace('_', ' ')}."
+            for img in sorted(Path(demo.zeroshot_dir).rglob("*.jpg"))]
+    csv = tmp_path / "train.csv"
+    csv.write_text("filepath,title\n" + "\n".join(rows) + "\n")
+    out = T.train(["--train-data", str(csv), "--dataset-type", "csv", "--csv-separator", ",",
+                   "--csv-img-key", "filepath", "--csv-caption-key", "title", "--logs", str(tmp_path), "--name", "oc",
+                   "--report-to", "tensorboard", "--save-frequency", "1", "--epochs", "1", "--batch-size", "8",
+                   "--workers", "0", "--warmup", "1", "--lr", "1e-3", "--model", "tiny-vit", "--device", "cpu",
+                   "--tokenizer", tokenizer_file, "--zeroshot-frequency", "0"])
+    run = tmp_path / "oc"
+    assert out["step"] == len(rows) // 8 and (run / "checkpoints" / "epoch_1.pt").is_file()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*")) and (run / "out.log").is_file()

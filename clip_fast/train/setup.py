@@ -166,8 +166,9 @@ def build_data_loader(paths: list[str], opts: LoaderOptions, args: argparse.Name
     if csv:
         from clip_fast.data.csv_loader import build_csv_loader
 
-        return build_csv_loader(paths[0], opts.batch_size, opts.image_size, opts.tokenizer, img_key=args.csv_img_key,
-                                caption_key=args.csv_caption_key, separator=args.csv_separator, **common)
+        return build_csv_loader(paths[0], batch_size=opts.batch_size, image_size=opts.image_size,
+                                tokenize=opts.tokenizer, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
+                                separator=args.csv_separator, **common)
     from clip_fast.data.loader import build_loader
 
     return build_loader(paths, opts.batch_size, opts.image_size, opts.tokenizer, **common)
