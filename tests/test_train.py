@@ -8,9 +8,13 @@ What is checked against something independent:
   - 2-process DDP (gloo, spawned without torchrun): the logged step-1 loss equals the loss
     of the union of both ranks' batches computed in one process, and one DDP step moves
     the weights like a single-process step on that union batch;
-  - the MFU FLOP count equals torch's FlopCounterMode count of the towers' matmuls plus
-    the attention products (which FlopCounterMode does not see on CPU);
-  - bad flags fail with clear errors.
+  - LiT: --pretrained from a saved checkpoint with --lock-image leaves exactly the image
+    tower unchanged;
+  - faults: a diverging run stops non-zero with valid JSON and no non-finite checkpoint;
+    --resume of another model, a text file or a truncated .pt is one line; `latest`
+    skips a damaged newest file; an unwritable checkpoint is one line naming the path;
+  - torchrun with 2 gloo ranks and `-- --logs=DIR`.
+(Command-line tables: test_train_config.py; retrieval, locking, FLOPs: test_train_eval.py.)
 """
 from __future__ import annotations
 
@@ -50,9 +54,9 @@ def tokenizer_file(demo, tmp_path_factory):
 def _argv(demo, save_dir, name, *extra: str) -> list[str]:
     return [
         "--train-data", os.path.dirname(demo.train_shards[0]) + "/*.tar",
-        "--val-data", demo.val_shards[0], "--zeroshot-data", demo.zeroshot_dir,
-        "--save-dir", str(save_dir), "--name", name, "--batch-size", "16", "--workers", "0",
-        "--warmup", "2", "--lr", "1e-3", "--log-every", "1", "--device", "cpu", *extra,
+        "--val-data", demo.val_shards[0], "--imagenet-val", demo.zeroshot_dir,
+        "--logs", str(save_dir), "--name", name, "--batch-size", "16", "--workers", "0",
+        "--warmup", "2", "--lr", "1e-3", "--log-every-n-steps", "1", "--device", "cpu", *extra,
     ]
 
 
@@ -64,12 +68,19 @@ def _load(path) -> dict:
 
 
 def test_short_run_checkpoint_logs_and_zeroshot_cli(demo, tmp_path, capsys):
-    out = T.train(_argv(demo, tmp_path, "short", "--max-steps", "3", "--epochs", "1", "--vocab-size", "800"))
+    out = T.train(_argv(demo, tmp_path, "short", "--max-steps", "3", "--epochs", "1", "--vocab-size", "800",
+                        "--save-most-recent", "--report-to", "tensorboard"))
     printed = capsys.readouterr().out
     assert out["step"] == 3 and math.isfinite(out["loss"])
     run = tmp_path / "short"
     ckpt_path = run / "checkpoints" / "step_3.pt"
-    assert ckpt_path.is_file() and (run / "checkpoints" / "latest.pt").is_file()
+    assert ckpt_path.is_file() and (run / "checkpoints" / "epoch_latest.pt").is_file()
+    assert "step 3/3" in (run / "out.log").read_text() and "batch_size: 16" in (run / "params.txt").read_text()
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    events = EventAccumulator(str(run / "tensorboard"))
+    events.Reload()
+    assert [e.step for e in events.Scalars("train/loss")] == [1, 2, 3]
     assert not list((run / "checkpoints").glob(".*tmp*")), "temporary files left behind"
 
     # Logs in open_clip's terms, one JSON line per logged step.
@@ -79,7 +90,8 @@ def test_short_run_checkpoint_logs_and_zeroshot_cli(demo, tmp_path, capsys):
         assert all(math.isfinite(r[key]) for r in recs), key
     assert recs[0]["mfu"] is None  # CPU: no peak to compare with
     assert recs[0]["lr"] == pytest.approx(1e-3 * 1 / 2) and recs[1]["lr"] == pytest.approx(1e-3)  # warmup 2
-    assert "samples/s" in printed and "data-wait" in printed and "MFU n/a" in printed and "[3/6 steps" in printed
+    assert "samples/s" in printed and "data-wait" in printed and "[3/6 steps" in printed
+    assert "/s/gpu" not in printed and "MFU" not in printed  # CPU: no per-GPU rate, no peak
 
     # Checkpoint content; weights_only=True loading must work (it is what model.load uses).
     ckpt = _load(ckpt_path)
@@ -114,7 +126,7 @@ def test_short_run_checkpoint_logs_and_zeroshot_cli(demo, tmp_path, capsys):
 def test_siglip_amp_bf16_checkpointing_resnet(demo, tokenizer_file, tmp_path):
     """The other code paths in one short run: SigLIP (model gets a logit bias), bf16
     autocast on CPU, gradient checkpointing, the ModifiedResNet tower."""
-    out = T.train(_argv(demo, tmp_path, "rn", "--model", "tiny-rn", "--loss", "siglip", "--precision", "amp_bf16",
+    out = T.train(_argv(demo, tmp_path, "rn", "--model", "tiny-rn", "--siglip", "--precision", "amp_bf16",
                         "--grad-checkpointing", "--max-steps", "2", "--tokenizer", tokenizer_file))
     assert out["step"] == 2 and math.isfinite(out["loss"])
     ckpt = _load(out["checkpoint"])
@@ -204,9 +216,11 @@ def test_ddp_two_processes_match_one_process_on_the_union_batch(demo, ddp_run):
     # One process: the same initial weights, per step the union of both ranks' batches,
     # the global loss, the same schedule and optimizer.
     tok = Tokenizer.from_json(ckpt["tokenizer"])
+    from clip_fast.train import setup
+
     args = T.parse_args(argv)
-    model = T.build_model(args, tok, T.DistEnv())
-    opt = T.build_optimizer(model, args, fsdp=False)
+    model = setup.build_model(args, setup.model_config(args, tok.vocab_size, tok.context_length), T.DistEnv(), "fp32")
+    opt = setup.build_optimizer(model, args, "fp32", fsdp=False)
     ranks = [iter(build_loader(demo.train_shards, 8, 64, tok, rank=r, world_size=2, num_workers=0, seed=0))
              for r in range(2)]
     for step in range(2):
@@ -216,7 +230,7 @@ def test_ddp_two_processes_match_one_process_on_the_union_batch(demo, ddp_run):
         # that amplifies rounding noise in zero-gradient directions (see _assert_same_steps).
         assert logged[step] == pytest.approx(loss.item(), rel=1e-5 if step == 0 else 1e-3)
         for g in opt.param_groups:
-            g["lr"] = T.cosine_lr(step, DDP_LR, 0, 12)
+            g["lr"] = T.learning_rate(step, args, 12, 6)
         opt.zero_grad()
         loss.backward()
         opt.step()
@@ -243,7 +257,7 @@ def test_fsdp2_matches_ddp_and_resumes(demo, tokenizer_file, ddp_run, tmp_path):
 
     def run(name, *extra):
         _spawn(_dist_argv(demo, tokenizer_file, tmp_path, name, "--dist", "fsdp2", *extra))
-        return tmp_path / name / "checkpoints" / "latest.pt"
+        return max((tmp_path / name / "checkpoints").glob("step_*.pt"), key=lambda p: p.stat().st_mtime_ns)
 
     fsdp_path = run("fsdp", "--max-steps", "2")
     assert (fsdp_path.parent / "step_2.optim.rank1.pt").is_file()
@@ -260,76 +274,111 @@ def test_fsdp2_matches_ddp_and_resumes(demo, tokenizer_file, ddp_run, tmp_path):
     assert all(torch.equal(resumed["model"][k], v) for k, v in fsdp["model"].items())
 
 
-# ----------------------------------------------------------------------------- FLOPs
+# ----------------------------------------------------------------------------- fine-tuning
 
 
-@pytest.mark.parametrize("name", ["tiny-vit", "ViT-B/32", "tiny-rn"])
-def test_flop_count_matches_flop_counter(name):
-    from torch.utils.flop_counter import FlopCounterMode
-
-    from clip_fast import model as cf
-
-    model = cf.create(name).eval()
-    v, t = model.config.vision, model.config.text
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model.encode_image(torch.zeros(1, 3, v.image_size, v.image_size))
-    # FlopCounterMode counts linear/conv/mm but not CPU SDPA: add QK^T and AV by hand
-    # (L-1 full blocks over n tokens, the last block for one query).
-    attention = 0
-    if not v.is_resnet:
-        n = (v.image_size // v.patch_size) ** 2 + 1
-        attention = (v.layers - 1) * 4 * n * n * v.width + 4 * n * v.width
-    assert T.image_flops_per_sample(model, torch.device("cpu")) == counter.get_total_flops() + attention
-
-    length = 12
-    text = torch.zeros(3, length, dtype=torch.long)
-    text[:, -1] = model.vocab_size - 1
-    counter = FlopCounterMode(display=False)
-    with torch.no_grad(), counter:
-        model.encode_text(text)
-    causal = (t.layers - 1) * 2 * length * length * t.width + 4 * length * t.width
-    assert T.text_flops_per_sample(model.config, length) == pytest.approx(counter.get_total_flops() / 3 + causal)
+def test_lit_finetune_locks_exactly_the_image_tower(demo, tokenizer_file, tmp_path):
+    """--pretrained FILE (a clip_fast checkpoint) + --lock-image: every image-tower
+    parameter ends bit-identical to the checkpoint's, every other one moved."""
+    base = T.train(_argv(demo, tmp_path, "base", "--max-steps", "2", "--tokenizer", tokenizer_file))
+    start = _load(base["checkpoint"])["model"]
+    out = T.train(_argv(demo, tmp_path, "lit", "--max-steps", "3", "--pretrained", base["checkpoint"], "--lock-image",
+                        "--lr", "1e-2"))
+    for k, p in out["model"].named_parameters():
+        if k.startswith("visual."):
+            assert torch.equal(p.detach(), start[k]), k
+        else:
+            assert not torch.equal(p.detach(), start[k]), k
+    assert all(not p.requires_grad for p in out["model"].visual.parameters())
 
 
-def test_cosine_schedule():
-    lrs = [T.cosine_lr(s, 1.0, 10, 110) for s in range(110)]
-    assert lrs[0] == pytest.approx(0.1) and lrs[9] == pytest.approx(1.0) and lrs[10] == pytest.approx(1.0)
-    assert lrs[60] == pytest.approx(0.5) and 0 < lrs[-1] < 1e-3
-    assert all(a >= b for a, b in zip(lrs[10:], lrs[11:]))
+# ----------------------------------------------------------------------------- faults
 
 
-def test_peak_flops_table():
-    assert T.peak_flops(torch.device("cpu"), "bf16") is None
+def test_diverging_run_stops_with_valid_json_and_no_bad_checkpoint(demo, tokenizer_file, tmp_path, capsys):
+    argv = _argv(demo, tmp_path, "nan", "--lr", "1e6", "--warmup", "0", "--max-steps", "6",
+                 "--max-nonfinite-steps", "1", "--tokenizer", tokenizer_file)
+    assert T.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "non-finite" in err and "--max-nonfinite-steps" in err and len(err.splitlines()) == 1
+    run = tmp_path / "nan"
+    recs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]  # strict JSON: no bare NaN
+    assert recs[-1]["nonfinite_steps"] >= 2
+    for p in (run / "checkpoints").glob("*.pt"):
+        assert all(torch.isfinite(v).all() for v in _load(p)["model"].values() if v.is_floating_point()), p
 
 
-# ----------------------------------------------------------------------------- bad input
+def test_resume_faults(demo, tokenizer_file, tmp_path, capsys):
+    common = ("--tokenizer", tokenizer_file, "--epochs", "2")
+    first = T.train(_argv(demo, tmp_path, "r", "--max-steps", "2", *common))
+    T.train(_argv(demo, tmp_path, "r", "--max-steps", "4", "--resume", "latest", *common))
+    steps = [json.loads(x)["step"] for x in (tmp_path / "r" / "log.jsonl").read_text().splitlines()]
+    assert steps == [1, 2, 3, 4]
+    ckpts = tmp_path / "r" / "checkpoints"
+    # Another architecture: one line naming both.
+    assert T.main(_argv(demo, tmp_path, "r", "--resume", first["checkpoint"], "--model", "tiny-rn", *common)) == 2
+    err = capsys.readouterr().err
+    assert "tiny-rn" in err and "different model" in err and len(err.strip().splitlines()) == 1
+    # A text file and a truncated checkpoint: one line each.
+    text = tmp_path / "notes.pt"
+    text.write_text("hello")
+    truncated = tmp_path / "cut.pt"
+    truncated.write_bytes((ckpts / "step_4.pt").read_bytes()[:5000])
+    for bad in (text, truncated):
+        assert T.main(_argv(demo, tmp_path, "r", "--resume", str(bad), *common)) == 2
+        err = capsys.readouterr().err.strip()
+        assert str(bad) in err and len(err.splitlines()) == 1
+    # `latest` skips a damaged newest file and removes temporaries of a killed save.
+    (ckpts / "step_5.pt").write_bytes(b"PK\x03\x04 damaged")
+    (ckpts / ".step_6.pt.tmp-123").write_bytes(b"partial")
+    out = T.train(_argv(demo, tmp_path, "r", "--max-steps", "5", "--resume", "latest", *common))
+    assert out["step"] == 5 and not list(ckpts.glob(".*tmp*"))
 
 
-@pytest.mark.parametrize("extra, error, match", [
-    (["--train-data", "/nonexistent/shard-{000..003}.tar"], FileNotFoundError, "--train-data"),
-    (["--train-data", "/nonexistent/*.tar"], FileNotFoundError, "no shard matches"),
-    (["--model", "ViT-Q/99"], ValueError, "unknown model config"),
-    (["--batch-size", "0"], ValueError, "--batch-size must be an integer >= 1"),
-    (["--max-steps", "0"], ValueError, "--max-steps"),
-    (["--dist", "fsdp2"], ValueError, "needs torchrun"),
-    (["--loss", "siglip", "--local-loss"], ValueError, "siglip"),
-    (["--tokenizer", "t.json", "--vocab-size", "900"], ValueError, "--vocab-size"),
-])
-def test_bad_flags(extra, error, match, monkeypatch):
-    monkeypatch.delenv("WORLD_SIZE", raising=False)
-    with pytest.raises(error, match=match):
-        T.train(["--save-dir", "none", *extra])
+def test_unwritable_checkpoint_is_one_line(demo, tokenizer_file, tmp_path, capsys, monkeypatch):
+    from clip_fast.train import checkpoint as ckpt_io
+
+    def full_disk(obj, path):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(ckpt_io.torch, "save", full_disk)
+    assert T.main(_argv(demo, tmp_path, "full", "--max-steps", "1", "--tokenizer", tokenizer_file)) == 1
+    err = capsys.readouterr().err.strip()
+    assert "No space left on device" in err and "step_1.pt" in err and len(err.splitlines()) == 1
+    assert not list((tmp_path / "full" / "checkpoints").iterdir())
 
 
-def test_bad_precision_and_resume(demo, tmp_path, capsys):
-    with pytest.raises(SystemExit):  # argparse: invalid choice
-        T.parse_args(["--precision", "fp8"])
-    with pytest.raises(FileNotFoundError, match="no checkpoint"):
-        T.train(_argv(demo, tmp_path, "empty", "--resume", "latest"))
-    with pytest.raises(FileNotFoundError, match="checkpoint not found"):
-        T.train(_argv(demo, tmp_path, "empty", "--resume", str(tmp_path / "nope.pt")))
-    # The CLI prints one clear line and exits with 2.
-    assert T.main(_argv(demo, tmp_path, "x", "--batch-size", "1000")) == 2
-    assert "batch_size=1000 is larger than" in capsys.readouterr().err
+# ----------------------------------------------------------------------------- torchrun
 
+
+def test_torchrun_two_gloo_ranks_with_logs_after_double_dash(demo, tokenizer_file, tmp_path):
+    """torchrun's --logs-specs swallows an abbreviated `--logs`: the README's command line
+    puts `--` before the script's flags."""
+    import subprocess
+    import sys
+
+    argv = _dist_argv(demo, tokenizer_file, tmp_path, "tr", "--max-steps", "1")
+    argv = [a for a in argv if a not in ("--logs", str(tmp_path))]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(_free_port()),
+           "-m", "clip_fast.train", "--", f"--logs={tmp_path}", *argv]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    out = subprocess.run(cmd, capture_output=True, text=True, timeout=900, env=env)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert (tmp_path / "tr" / "checkpoints" / "step_1.pt").is_file()
+    assert len(_load(tmp_path / "tr" / "checkpoints" / "step_1.pt")["rng_states"]) == 2
+
+
+def test_open_clip_readme_command_on_csv(demo, tokenizer_file, tmp_path):
+    """open_clip's README-style command line on a csv file read directly."""
+    rows = [f"{img},a photo of a {img.parent.name.replace('_', ' ')}."
+            for img in sorted(Path(demo.zeroshot_dir).rglob("*.jpg"))]
+    csv = tmp_path / "train.csv"
+    csv.write_text("filepath,title\n" + "\n".join(rows) + "\n")
+    out = T.train(["--train-data", str(csv), "--dataset-type", "csv", "--csv-separator", ",",
+                   "--csv-img-key", "filepath", "--csv-caption-key", "title", "--logs", str(tmp_path), "--name", "oc",
+                   "--report-to", "tensorboard", "--save-frequency", "1", "--epochs", "1", "--batch-size", "8",
+                   "--workers", "0", "--warmup", "1", "--lr", "1e-3", "--model", "tiny-vit", "--device", "cpu",
+                   "--tokenizer", tokenizer_file, "--zeroshot-frequency", "0"])
+    run = tmp_path / "oc"
+    assert out["step"] == len(rows) // 8 and (run / "checkpoints" / "epoch_1.pt").is_file()
+    assert list((run / "tensorboard").glob("events.out.tfevents.*")) and (run / "out.log").is_file()
