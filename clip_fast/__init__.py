@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "ContrastiveLoss": "clip_fast.loss",
+    "GradCache": "clip_fast.grad_cache",
     "SigLipLoss": "clip_fast.siglip",
     "stochastic_round": "clip_fast.optim",
 }
