@@ -213,6 +213,9 @@ class GradCache:
                 raise ValueError(f"{name} must be callable, got {type(value).__name__}")
         if loss_fn is None:
             raise ValueError("loss_fn must be callable, got None")
+        if isinstance(autocast, contextlib.AbstractContextManager):
+            raise ValueError("autocast must be a zero-argument callable returning a context manager, e.g. "
+                             f"lambda: torch.autocast('cuda', torch.bfloat16); got a {type(autocast).__name__} instance")
         self.model = model
         self.loss_fn = loss_fn
         self.autocast = autocast or contextlib.nullcontext
