@@ -72,7 +72,7 @@ def main(argv: list[str] | None = None) -> dict:
     result = {
         "mode": "single" if args.single else "gradcache", "global_batch": args.global_batch,
         "micro_batch": None if args.single else args.micro_batch, "peak_rss_gib": status_bytes("VmHWM") / 2**30,
-        "rss_before_step_gib": before / 2**30, "step_s": round(seconds, 2), "loss": float(loss),
+        "rss_before_step_gib": before / 2**30, "step_s": round(seconds, 2), "loss": float(loss.detach()),
         "threads": torch.get_num_threads(),
     }
     print(json.dumps(result), flush=True)
