@@ -12,6 +12,7 @@ __version__ = "0.1.0"
 
 _LAZY = {
     "ContrastiveLoss": "clip_fast.loss",
+    "GradCache": "clip_fast.grad_cache",
     "LossInputError": "clip_fast._checks",
     "SigLipLoss": "clip_fast.siglip",
     "apply_to_open_clip": "clip_fast.open_clip_patch",
