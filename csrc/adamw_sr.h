@@ -29,6 +29,15 @@
 #define CF_HD inline __attribute__((always_inline))
 #endif
 
+// Without -ftrapping-math GCC if-converts the selects of adamw_element (sqrt and division
+// computed for every lane, then blended), so the CPU loops vectorise; results are the same
+// bits, only floating-point exception flags may differ.
+#if !defined(__CUDACC__) && defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#define CF_POP_OPTIONS 1
+#endif
+
 namespace clip_fast {
 
 // Storage formats of parameters, gradients and moments.
@@ -245,3 +254,8 @@ CF_HD bool adamw_element(float& p, float g, float& m, float& r, const Hyper& h, 
 }
 
 }  // namespace clip_fast
+
+#if defined(CF_POP_OPTIONS)
+#pragma GCC pop_options
+#undef CF_POP_OPTIONS
+#endif
