@@ -32,7 +32,12 @@ implementations agree bit for bit given the same random bits):
   a sudden >128x jump saturates at 65504 for one step instead of becoming inf.
 * Random bits come from Philox4x32-10 keyed by (seed, parameter index, step): runs are
   reproducible, independent of the device's thread count, and the GPU (Triton), CPU
-  (C++) and torch paths draw identical bits.
+  (C++) and torch paths draw identical bits. The rule: element e of a tensor, counted in
+  memory order (for a channels_last weight, its position in storage), takes the Philox
+  block (w0, w1, w2, w3) of counter e >> 1 (the 128-bit counter (e >> 1, 0, 0, 0) as four
+  32-bit words; key = the stream key as two 32-bit words, low first); even e uses
+  (a, b) = (w0, w1), odd e (w2, w3); the weight rounds with a & 0xFFFF, the first moment
+  with a >> 16, sqrt(v) with b & 0xFFFF (the SR cast alone: a & 0xFFFF).
 * NaN/inf gradients: elements whose gradient is not finite are skipped (weight and both
   moments keep their values) and counted in `state["nonfinite_count"]`;
   `on_nonfinite="raise"` raises FloatingPointError after the step instead (the skipped
@@ -372,7 +377,14 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
 def _is_dense(t: torch.Tensor) -> bool:
     """The elements fill storage[offset : offset + numel] in some order (any permutation of
     dimensions: contiguous, channels_last, transposed)."""
-    return t.is_contiguous() or t._is_non_overlapping_and_dense()
+    if t.numel() == 0 or t.is_contiguous():
+        return True
+    span = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != span:
+            return False
+        span *= size
+    return True
 
 
 def _layout_strides(p: torch.Tensor) -> tuple[int, ...]:
@@ -508,8 +520,9 @@ class AdamW(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
             for key, value in state_dict["state"].get(pid, {}).items():
-                if isinstance(value, torch.Tensor) and key != "step":
-                    self.state[p][key] = value.detach().to(device=p.device, copy=True)
+                if isinstance(value, torch.Tensor):  # copies: never share a counter with the source
+                    device = "cpu" if key == "step" else p.device
+                    self.state[p][key] = value.detach().to(device=device, copy=True)
 
     def nonfinite_count(self) -> int:
         """Elements skipped so far because their gradient was NaN or inf (all parameters)."""

@@ -54,6 +54,8 @@ def _philox4x32_10(counter, key):
     Written out instead of tl.randint4x: with an int64 counter Triton before 3.4 runs
     Philox4x64 there, so the bits (and the C++/torch agreement) would depend on the version.
     """
+    counter = counter.to(tl.int64)
+    key = key.to(tl.int64)  # a small key arrives as int32: sign-extend like the int64 key it is
     c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
     c1 = ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
     c2 = c0 * 0
