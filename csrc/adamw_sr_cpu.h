@@ -1,12 +1,12 @@
 // CPU loops (OpenMP, vectorisable, no torch dependency) of AdamW with stochastically rounded
 // weights and half-precision moments, and of the stochastic-rounding cast on its own.
-// The per-element arithmetic lives in adamw_sr.h and is shared with adamw_sr_cuda.cu.
+// The per-element arithmetic lives in adamw_sr.h.
 //
 // Work split: every tensor of a call is cut into chunks of kChunk elements; the chunks of
 // all tensors form one list that OpenMP threads share, so a parameter group is one call
 // whatever the sizes of its tensors. Inside a chunk, blocks of kBlock elements are done
 // in two vectorisable passes: Philox fills kBlock (a, b) random words, then the update
-// loop reads params/grads/moments once and writes params/moments once (6 bytes read and
+// loop reads params/grads/moments once and writes params/moments once (8 bytes read and
 // 6 written per element for bf16 weights, bf16 grads and bf16 moments).
 //
 // Instruction sets: the hot loops are compiled for AVX-512, AVX2 and baseline x86-64

@@ -284,7 +284,7 @@ def _block_table(numels: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 
 class StepTables:
-    """Device tables of one multi-tensor launch (shared with csrc/adamw_sr_cuda.cu)."""
+    """Device tables of one multi-tensor launch."""
 
     def __init__(self, params, grads, states, keys, scalars, rand=None) -> None:
         device = params[0].device
