@@ -15,7 +15,8 @@ def _inputs(pd, gd, sd, sizes, device, seed=0):
     for n in sizes:
         p = torch.randn(n, generator=gen).to(pd)
         g = (torch.randn(n, generator=gen) * 1e-3).to(gd)
-        g[n // 2] = math.nan
+        if n:
+            g[n // 2] = math.nan
         m = (torch.randn(n, generator=gen) * 1e-4).to(sd)
         r = (torch.rand(n, generator=gen) * 1e-3).to(sd)
         out.append([t.to(device) for t in (p, g, m, r)])
