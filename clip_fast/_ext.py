@@ -36,7 +36,9 @@ def csrc_dir() -> Path:
 def _build_dir(sources: list[str]) -> Path:
     import torch
 
-    digest = hashlib.sha256(torch.__version__.encode())
+    # The source directory is part of the key: the build commands name it, so two checkouts
+    # sharing one cache would otherwise rebuild over each other's (identical) directory.
+    digest = hashlib.sha256(torch.__version__.encode() + str(csrc_dir()).encode())
     for path in sorted(glob.glob(str(csrc_dir() / "*.h"))) + sources:
         digest.update(Path(path).read_bytes())
     root = Path(os.environ.get("CLIP_FAST_EXT_DIR", Path.home() / ".cache" / "clip_fast" / "ext"))

@@ -41,6 +41,7 @@ class KernelConfig:
     constexprs: dict[str, Any]  # values of the constexpr arguments
     num_warps: int = 4
     num_stages: int = 3
+    enable_fp_fusion: bool = True  # Triton's default; False where the launcher passes it
     uses_tensor_cores: bool = False  # True for kernels built around tl.dot
     # Arguments the compiler may assume divisible by 16 (pointers: 16-byte aligned). At
     # run time Triton specialises on exactly this for aligned tensors and integers that
@@ -115,7 +116,11 @@ def compile_config(config: KernelConfig, arch: int) -> CompileReport:
     kernel = triton.compile(
         source,
         target=GPUTarget("cuda", arch, 32),
-        options={"num_warps": config.num_warps, "num_stages": config.num_stages},
+        options={
+            "num_warps": config.num_warps,
+            "num_stages": config.num_stages,
+            "enable_fp_fusion": config.enable_fp_fusion,
+        },
     )
     usage = _resource_usage(kernel.asm["cubin"])
     ptx = kernel.asm["ptx"]

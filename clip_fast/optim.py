@@ -32,7 +32,12 @@ implementations agree bit for bit given the same random bits):
   a sudden >128x jump saturates at 65504 for one step instead of becoming inf.
 * Random bits come from Philox4x32-10 keyed by (seed, parameter index, step): runs are
   reproducible, independent of the device's thread count, and the GPU (Triton), CPU
-  (C++) and torch paths draw identical bits.
+  (C++) and torch paths draw identical bits. The rule: element e of a tensor, counted in
+  memory order (for a channels_last weight, its position in storage), takes the Philox
+  block (w0, w1, w2, w3) of counter e >> 1 (the 128-bit counter (e >> 1, 0, 0, 0) as four
+  32-bit words; key = the stream key as two 32-bit words, low first); even e uses
+  (a, b) = (w0, w1), odd e (w2, w3); the weight rounds with a & 0xFFFF, the first moment
+  with a >> 16, sqrt(v) with b & 0xFFFF (the SR cast alone: a & 0xFFFF).
 * NaN/inf gradients: elements whose gradient is not finite are skipped (weight and both
   moments keep their values) and counted in `state["nonfinite_count"]`;
   `on_nonfinite="raise"` raises FloatingPointError after the step instead (the skipped
@@ -317,14 +322,15 @@ def stochastic_round(x: torch.Tensor, seed: int | None = None) -> torch.Tensor:
     if src.device.type == "cpu" and _backend.requested_backend() != "torch":
         ext = _load_ext()
         if ext is not None:
-            return ext.stochastic_round_bf16(src, key, None)
+            return ext.stochastic_round_bf16(src, key)
     return torch_stochastic_round(src, key)
 
 
 def _load_ext():
+    """torch.ops.clip_fast (csrc/adamw_sr.cpp's ops) once the C++ extension is loaded, else None."""
     from clip_fast._ext import load_extension
 
-    return load_extension()
+    return None if load_extension() is None else torch.ops.clip_fast
 
 
 # Substrings of parameter names that never get weight decay (CLIP / open_clip convention:
@@ -366,6 +372,51 @@ def param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
         (no_decay if exempt else decay).append(p)
     groups = [{"params": decay, "weight_decay": float(weight_decay)}, {"params": no_decay, "weight_decay": 0.0}]
     return [g for g in groups if g["params"]]
+
+
+def _is_dense(t: torch.Tensor) -> bool:
+    """The elements fill storage[offset : offset + numel] in some order (any permutation of
+    dimensions: contiguous, channels_last, transposed)."""
+    if t.numel() == 0 or t.is_contiguous():
+        return True
+    span = 1
+    for stride, size in sorted((st, n) for st, n in zip(t.stride(), t.shape) if n != 1):
+        if stride != span:
+            return False
+        span *= size
+    return True
+
+
+def _layout_strides(p: torch.Tensor) -> tuple[int, ...]:
+    """Strides of the optimizer state of p: p's own when dense, else contiguous."""
+    return tuple(p.stride()) if _is_dense(p) else tuple(torch.empty(p.shape, device="meta").stride())
+
+
+def _laid_out_like(t: torch.Tensor, p: torch.Tensor) -> bool:
+    """t (dense) has the memory order of p's state (strides of size-1 dimensions aside)."""
+    want = _layout_strides(p)
+    return all(a == b for a, b, n in zip(t.stride(), want, t.shape) if n > 1)
+
+
+def _memory_order(t: torch.Tensor, like: torch.Tensor | None = None) -> torch.Tensor:
+    """t's elements as a 1-D tensor in memory order: a view when t is dense (and laid out
+    like `like`, when given), else a copy in the layout of `like` (or contiguous)."""
+    target = t if like is None else like
+    if _is_dense(t) and (like is None or _laid_out_like(t, like)):
+        return t.as_strided((t.numel(),), (1,), t.storage_offset())
+    work = torch.empty_like(target, dtype=t.dtype, memory_format=torch.preserve_format)
+    work.copy_(t)
+    return work.as_strided((work.numel(),), (1,), work.storage_offset())
+
+
+def _match_layout(state: dict[str, Any], p: torch.Tensor) -> None:
+    """Puts the moments in p's layout (once, e.g. after loading contiguous state for a
+    channels_last parameter): elements are paired by memory position."""
+    for key in ("exp_avg", "exp_avg_rms"):
+        moment = state[key]
+        if not (_is_dense(moment) and _laid_out_like(moment, p)):
+            relaid = torch.empty_like(p, dtype=moment.dtype, memory_format=torch.preserve_format)
+            state[key] = relaid.copy_(moment)
 
 
 class AdamW(torch.optim.Optimizer):
@@ -469,8 +520,9 @@ class AdamW(torch.optim.Optimizer):
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):
             for key, value in state_dict["state"].get(pid, {}).items():
-                if isinstance(value, torch.Tensor) and key != "step":
-                    self.state[p][key] = value.detach().to(device=p.device, copy=True)
+                if isinstance(value, torch.Tensor):  # copies: never share a counter with the source
+                    device = "cpu" if key == "step" else p.device
+                    self.state[p][key] = value.detach().to(device=device, copy=True)
 
     def nonfinite_count(self) -> int:
         """Elements skipped so far because their gradient was NaN or inf (all parameters)."""
@@ -480,8 +532,10 @@ class AdamW(torch.optim.Optimizer):
         state = self.state[p]
         sdtype = group["state_dtype"] or (torch.bfloat16 if p.dtype == torch.bfloat16 else torch.float32)
         state["step"] = torch.tensor(0.0, dtype=torch.float32)
-        state["exp_avg"] = torch.zeros(p.shape, dtype=sdtype, device=p.device)
-        state["exp_avg_rms"] = torch.zeros(p.shape, dtype=sdtype, device=p.device)
+        # In p's memory layout (channels_last conv weights stay channels_last): the kernels
+        # pair elements by memory position.
+        state["exp_avg"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
+        state["exp_avg_rms"] = torch.zeros_like(p, dtype=sdtype, memory_format=torch.preserve_format)
         state["nonfinite_count"] = torch.zeros((), dtype=torch.int64, device=p.device)
         if sdtype == torch.float16:
             # First scale from this gradient: sqrt(v) after step 1 is sqrt(1 - beta2) * |g|.
@@ -535,9 +589,13 @@ class AdamW(torch.optim.Optimizer):
         hyper = Hyper(beta1, beta2, lr, group["weight_decay"], group["eps"])
         sr = group["stochastic_rounding"]
         seed = group["seed"]
-        params = [p if p.is_contiguous() else p.contiguous() for _, p, _, _ in items]
-        grads = [g.contiguous() for _, _, g, _ in items]
         states = [s for _, _, _, s in items]
+        for (_, p, _, _), state in zip(items, states):
+            _match_layout(state, p)
+        params = [_memory_order(p) for _, p, _, _ in items]
+        grads = [_memory_order(g, like=p) for _, p, g, _ in items]
+        flat = ("exp_avg", "exp_avg_rms")
+        moments = [{**s, **{k: _memory_order(s[k]) for k in flat}} for s in states]  # same tensors, flat views
         steps = [int(s["step"].item()) for s in states]
         keys = [stream_key(seed, i, t) for (i, _, _, _), t in zip(items, steps)]
         fp16_state = sdtype == torch.float16
@@ -545,7 +603,7 @@ class AdamW(torch.optim.Optimizer):
             from clip_fast.kernels import adamw as kernels
 
             scalars = [TensorScalars(lr, beta1, beta2, t) for t in steps]
-            count = kernels.adamw_step(params, grads, states, keys, scalars, hyper, sr)
+            count = kernels.adamw_step(params, grads, moments, keys, scalars, hyper, sr)
         else:
             if fp16_state:
                 e_old = [int(s["moment_exp"]) for s in states]
@@ -558,8 +616,8 @@ class AdamW(torch.optim.Optimizer):
                 counts, maxima = ext.adamw_step(
                     params,
                     grads,
-                    [s["exp_avg"] for s in states],
-                    [s["exp_avg_rms"] for s in states],
+                    [s["exp_avg"] for s in moments],
+                    [s["exp_avg_rms"] for s in moments],
                     [],
                     keys,
                     [s.step_size for s in scalars],
@@ -571,7 +629,7 @@ class AdamW(torch.optim.Optimizer):
                 )
             else:
                 counts, maxima = [], []
-                for p, g, s, k, ts in zip(params, grads, states, keys, scalars):
+                for p, g, s, k, ts in zip(params, grads, moments, keys, scalars):
                     words = random_words(k, p.numel(), p.device) if sr else None
                     c, a = torch_adamw_update(p, g, s["exp_avg"], s["exp_avg_rms"], words, hyper, ts, sr)
                     counts.append(c)
@@ -583,6 +641,6 @@ class AdamW(torch.optim.Optimizer):
                     s["rms_amax"].fill_(a)
             count = sum(counts)
         for (_, p, _, _), work in zip(items, params):
-            if work is not p:
-                p.copy_(work)
+            if not _is_dense(p):  # updated in a contiguous copy
+                p.copy_(work.view(p.shape))
         return count

@@ -1,17 +1,7 @@
-// CPU implementation (OpenMP, vectorisable loops) of AdamW with stochastically rounded
-// weights and half-precision moments, and of the stochastic-rounding cast on its own.
-// The per-element arithmetic lives in adamw_sr.h and is shared with adamw_sr_cuda.cu.
-//
-// Work split: every tensor of a call is cut into chunks of kChunk elements; the chunks of
-// all tensors form one list that OpenMP threads share, so a parameter group is one call
-// whatever the sizes of its tensors. Inside a chunk, blocks of kBlock elements are done
-// in two vectorisable passes: Philox fills kBlock (a, b) random words, then the update
-// loop reads params/grads/moments once and writes params/moments once (6 bytes read and
-// 6 written per element for bf16 weights, bf16 grads and bf16 moments).
-//
-// Instruction sets: the hot loops are compiled for AVX-512, AVX2 and baseline x86-64
-// (GCC target attributes) and picked at run time, so one binary is fast everywhere and
-// gives identical results everywhere (no FMA contraction: -ffp-contract=off).
+// CPU implementation of AdamW with stochastically rounded weights and half-precision
+// moments, and of the stochastic-rounding cast: the torch bindings and the run-time choice
+// of instruction set. The loops are in adamw_sr_cpu.h, the per-element arithmetic in
+// adamw_sr.h.
 #include <torch/extension.h>
 
 #include <algorithm>
@@ -19,145 +9,11 @@
 #include <vector>
 
 #include "adamw_sr.h"
+#include "adamw_sr_cpu.h"
 #include "cpu_isa.h"
 
 namespace clip_fast {
 namespace {
-
-constexpr int64_t kBlock = 512;         // elements per Philox + update pass (stack buffers)
-constexpr int64_t kChunk = 64 * kBlock;  // elements per OpenMP work item
-
-struct Chunk {
-  int64_t tensor, begin, end;
-};
-
-std::vector<Chunk> make_chunks(const std::vector<int64_t>& numels) {
-  std::vector<Chunk> chunks;
-  for (int64_t t = 0; t < (int64_t)numels.size(); ++t)
-    for (int64_t b = 0; b < numels[t]; b += kChunk) chunks.push_back({t, b, std::min(numels[t], b + kChunk)});
-  return chunks;
-}
-
-// Random words (a, b) of elements [base, base + n): Philox(counter = e >> 1), base even.
-CF_HD void philox_words(uint64_t key, int64_t base, int64_t n, uint32_t* wa, uint32_t* wb) {
-  const int64_t pairs = (n + 1) / 2;
-  const uint64_t first = (uint64_t)base >> 1;
-  for (int64_t j = 0; j < pairs; ++j) {
-    uint32_t w0, w1, w2, w3;
-    philox4x32_10(first + (uint64_t)j, key, w0, w1, w2, w3);
-    wa[2 * j] = w0;
-    wb[2 * j] = w1;
-    wa[2 * j + 1] = w2;
-    wb[2 * j + 1] = w3;
-  }
-}
-
-CF_HD void explicit_words(const int32_t* rand, int64_t base, int64_t n, uint32_t* wa, uint32_t* wb) {
-  for (int64_t i = 0; i < n; ++i) {
-    wa[i] = (uint32_t)rand[2 * (base + i)];
-    wb[i] = (uint32_t)rand[2 * (base + i) + 1];
-  }
-}
-
-struct TensorArgs {
-  void* p;
-  const void* g;
-  void* m;
-  void* r;
-  const int32_t* rand;  // nullptr: Philox
-  uint64_t key;
-  TensorScalars s;
-};
-
-// Updates elements [begin, end) of one tensor; returns the non-finite gradient count and
-// accumulates the max of the new sqrt(v) (fp16 moments only).
-template <int PK, int GK, int SK, bool SR>
-CF_HD int64_t update_range(const TensorArgs& a, const Hyper& h, int64_t begin, int64_t end, float& amax) {
-  using PT = typename Storage<PK>::T;
-  using GT = typename Storage<GK>::T;
-  using ST = typename Storage<SK>::T;
-  PT* __restrict__ p = static_cast<PT*>(a.p);
-  const GT* __restrict__ g = static_cast<const GT*>(a.g);
-  ST* __restrict__ m = static_cast<ST*>(a.m);
-  ST* __restrict__ r = static_cast<ST*>(a.r);
-  alignas(64) uint32_t wa[kBlock];
-  alignas(64) uint32_t wb[kBlock];
-  int64_t nonfinite = 0;
-  float local_max = amax;
-  constexpr bool kPStochastic = SR && PK == kBF16;  // fp16 / fp32 weights: plain rounding
-  for (int64_t base = begin; base < end; base += kBlock) {
-    const int64_t n = std::min(kBlock, end - base);
-    if (a.rand != nullptr) explicit_words(a.rand, base, n, wa, wb);
-    else if (SR) philox_words(a.key, base, n, wa, wb);
-    for (int64_t i = 0; i < n; ++i) {
-      const int64_t e = base + i;
-      float pi = load_as_f32<PK>(p[e]);
-      float mi = load_as_f32<SK>(m[e]);
-      float ri = load_as_f32<SK>(r[e]);
-      if constexpr (SK == kF16) {
-        mi *= a.s.decode_scale;
-        ri *= a.s.decode_scale;
-      }
-      const bool finite = adamw_element(pi, load_as_f32<GK>(g[e]), mi, ri, h, a.s);
-      if constexpr (SK == kF16) {
-        local_max = std::max(local_max, ri);
-        mi *= a.s.encode_scale;
-        ri *= a.s.encode_scale;
-      }
-      const uint32_t ra = SR ? wa[i] : 0u, rb = SR ? wb[i] : 0u;
-      p[e] = round_to<PK>(pi, ra & 0xFFFFu, kPStochastic);
-      m[e] = round_to<SK>(mi, ra >> 16, SR);
-      r[e] = round_to<SK>(ri, rb & 0xFFFFu, SR);
-      nonfinite += finite ? 0 : 1;
-    }
-  }
-  amax = local_max;
-  return nonfinite;
-}
-
-CF_HD void sr_range(const float* x, uint16_t* y, const int32_t* rand, uint64_t key, int64_t begin, int64_t end) {
-  alignas(64) uint32_t wa[kBlock];
-  alignas(64) uint32_t wb[kBlock];
-  for (int64_t base = begin; base < end; base += kBlock) {
-    const int64_t n = std::min(kBlock, end - base);
-    if (rand != nullptr)
-      for (int64_t i = 0; i < n; ++i) wa[i] = (uint32_t)rand[base + i];
-    else
-      philox_words(key, base, n, wa, wb);
-    for (int64_t i = 0; i < n; ++i) y[base + i] = sr_bf16(x[base + i], wa[i] & 0xFFFFu);
-  }
-}
-
-// ---------------------------------------------------------------------------------------
-// Instruction-set variants of the hot loops (everything above is inlined into them).
-// ---------------------------------------------------------------------------------------
-using UpdateFn = void (*)(const std::vector<TensorArgs>&, const std::vector<Chunk>&, const Hyper&, int64_t*, float*);
-using SrFn = void (*)(const float*, uint16_t*, const int32_t*, uint64_t, int64_t);
-
-// The OpenMP loops sit in these functions (not in an inlined helper) so that the outlined
-// parallel bodies inherit the target attribute.
-#define CF_ISA_VARIANTS(ISA_NAME, TARGET)                                                                      \
-  template <int PK, int GK, int SK, bool SR>                                                                 \
-  TARGET void update_##ISA_NAME(const std::vector<TensorArgs>& args, const std::vector<Chunk>& chunks,      \
-                                const Hyper& h, int64_t* counts, float* maxima) {                            \
-    _Pragma("omp parallel for schedule(dynamic, 4) if (chunks.size() > 1)")                                                    \
-    for (int64_t c = 0; c < (int64_t)chunks.size(); ++c) {                                                   \
-      float amax = 0.0f;                                                                                     \
-      counts[c] = update_range<PK, GK, SK, SR>(args[chunks[c].tensor], h, chunks[c].begin, chunks[c].end,   \
-                                               amax);                                                        \
-      maxima[c] = amax;                                                                                      \
-    }                                                                                                        \
-  }                                                                                                          \
-  TARGET void sr_##ISA_NAME(const float* x, uint16_t* y, const int32_t* rand, uint64_t key, int64_t numel) { \
-    _Pragma("omp parallel for schedule(static) if (numel > kChunk)")                                                     \
-    for (int64_t b = 0; b < numel; b += kChunk) sr_range(x, y, rand, key, b, std::min(numel, b + kChunk));  \
-  }
-
-#if defined(__x86_64__) && defined(__GNUC__)
-CF_ISA_VARIANTS(avx512, __attribute__((target("avx512f,avx512bw,avx512vl,avx512dq,avx2,bmi2"))))
-CF_ISA_VARIANTS(avx2, __attribute__((target("avx2,bmi2"))))
-#endif
-CF_ISA_VARIANTS(base, )
 
 using Isa = CpuIsa;
 
@@ -231,11 +87,9 @@ void check_cpu_contiguous(const at::Tensor& t, const char* what) {
 // elements skipped for a non-finite gradient and the max of the new sqrt(v) (0 unless the
 // moments are fp16).
 std::tuple<std::vector<int64_t>, std::vector<double>> adamw_step(
-    const std::vector<at::Tensor>& params, const std::vector<at::Tensor>& grads,
-    const std::vector<at::Tensor>& exp_avgs, const std::vector<at::Tensor>& exp_avg_rms,
-    const std::vector<at::Tensor>& rand, const std::vector<int64_t>& keys, const std::vector<double>& step_sizes,
-    const std::vector<double>& inv_sqrt_bc2, const std::vector<double>& decode_scales,
-    const std::vector<double>& encode_scales, double beta1, double one_minus_beta1, double beta2,
+    at::TensorList params, at::TensorList grads, at::TensorList exp_avgs, at::TensorList exp_avg_rms,
+    at::TensorList rand, at::IntArrayRef keys, at::ArrayRef<double> step_sizes, at::ArrayRef<double> inv_sqrt_bc2,
+    at::ArrayRef<double> decode_scales, at::ArrayRef<double> encode_scales, double beta1, double one_minus_beta1, double beta2,
     double one_minus_beta2, double decay, double eps, bool stochastic) {
   const size_t T = params.size();
   TORCH_CHECK(grads.size() == T && exp_avgs.size() == T && exp_avg_rms.size() == T && keys.size() == T &&
@@ -327,11 +181,16 @@ std::string cpu_isa() {
 
 }  // namespace clip_fast
 
-PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
-  m.doc() = "clip_fast CPU kernels: AdamW with stochastic rounding";
-  m.def("adamw_step", &clip_fast::adamw_step, "One AdamW step over a parameter group (see clip_fast/optim.py)");
-  m.def("stochastic_round_bf16", &clip_fast::stochastic_round_bf16, "fp32 -> bf16 with stochastic rounding",
-        pybind11::arg("x"), pybind11::arg("key"), pybind11::arg("rand") = pybind11::none());
-  m.def("random_words", &clip_fast::random_words, "Philox words (a, b) per element for a key");
-  m.def("cpu_isa", &clip_fast::cpu_isa, "instruction set the kernels were dispatched to");
+// Registered as torch.ops.clip_fast.* (each C++ file adds its ops with a fragment; the
+// Python module itself is csrc/python_module.cpp).
+TORCH_LIBRARY_FRAGMENT(clip_fast, m) {
+  m.def(
+      "adamw_step(Tensor(a!)[] params, Tensor[] grads, Tensor(b!)[] exp_avgs, Tensor(c!)[] exp_avg_rms, "
+      "Tensor[] rand, int[] keys, float[] step_sizes, float[] inv_sqrt_bc2, float[] decode_scales, "
+      "float[] encode_scales, float beta1, float one_minus_beta1, float beta2, float one_minus_beta2, "
+      "float decay, float eps, bool stochastic) -> (int[], float[])",
+      &clip_fast::adamw_step);
+  m.def("stochastic_round_bf16(Tensor x, int key, Tensor? rand=None) -> Tensor", &clip_fast::stochastic_round_bf16);
+  m.def("random_words(int key, int numel) -> Tensor", &clip_fast::random_words);
+  m.def("cpu_isa() -> str", &clip_fast::cpu_isa);
 }

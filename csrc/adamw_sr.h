@@ -1,19 +1,20 @@
 // AdamW with stochastically rounded weights and half-precision moments: the per-element
-// arithmetic shared by the C++ (CPU, OpenMP) and CUDA implementations.
+// arithmetic of the C++ (CPU, OpenMP) implementation.
 //
 // This header is the executable specification of the algorithm. The Triton kernel
 // (kernels/adamw.py) and the pure-torch path (clip_fast/optim.py) implement the same
 // operations in the same order, so all of them agree bit for bit given the same random
 // bits. Rules that make that possible:
 //   * every floating-point operation is a single IEEE-754 fp32 operation with
-//     round-to-nearest-even (no fused multiply-add: build with -ffp-contract=off /
-//     nvcc --fmad=false, no fast-math, correctly rounded sqrt and division);
+//     round-to-nearest-even (no fused multiply-add: build with -ffp-contract=off, the
+//     Triton launch with enable_fp_fusion=False; no fast-math; correctly rounded sqrt
+//     and division);
 //   * all roundings to 16-bit formats are integer manipulations of the fp32 bit pattern;
 //   * host scalars (betas, lr / bias correction, ...) arrive already rounded to fp32.
 //
 // Random bits. Element e of a tensor with 64-bit key K uses the Philox4x32-10 block
-// (w0, w1, w2, w3) = Philox(counter = e >> 1, key = K), the same generator and word
-// order as triton.language.randint4x(K, e >> 1). Even elements take (a, b) = (w0, w1),
+// (w0, w1, w2, w3) = Philox(counter = (e >> 1, 0, 0, 0), key = K as (low, high) words),
+// as kernels/adamw.py's _philox4x32_10 computes it. Even elements take (a, b) = (w0, w1),
 // odd elements (w2, w3); a's low 16 bits round the weight, a's high 16 bits the first
 // moment, b's low 16 bits the second moment. One Philox call therefore serves two
 // elements and every element owns 48 bits that no other element reuses.
@@ -23,10 +24,15 @@
 #include <stdint.h>
 #include <string.h>
 
-#if defined(__CUDACC__)
-#define CF_HD __host__ __device__ __forceinline__
-#else
 #define CF_HD inline __attribute__((always_inline))
+
+// Without -ftrapping-math GCC if-converts the selects of adamw_element (sqrt and division
+// computed for every lane, then blended), so the CPU loops vectorise; results are the same
+// bits, only floating-point exception flags may differ.
+#if defined(__GNUC__) && !defined(__clang__)
+#pragma GCC push_options
+#pragma GCC optimize("no-trapping-math")
+#define CF_POP_OPTIONS 1
 #endif
 
 namespace clip_fast {
@@ -35,23 +41,15 @@ namespace clip_fast {
 enum Kind : int { kF32 = 0, kBF16 = 1, kF16 = 2 };
 
 CF_HD uint32_t f32_bits(float x) {
-#if defined(__CUDA_ARCH__)
-  return __float_as_uint(x);
-#else
   uint32_t u;
   memcpy(&u, &x, 4);
   return u;
-#endif
 }
 
 CF_HD float bits_f32(uint32_t u) {
-#if defined(__CUDA_ARCH__)
-  return __uint_as_float(u);
-#else
   float x;
   memcpy(&x, &u, 4);
   return x;
-#endif
 }
 
 // ---------------------------------------------------------------------------------------
@@ -245,3 +243,8 @@ CF_HD bool adamw_element(float& p, float g, float& m, float& r, const Hyper& h, 
 }
 
 }  // namespace clip_fast
+
+#if defined(CF_POP_OPTIONS)
+#pragma GCC pop_options
+#undef CF_POP_OPTIONS
+#endif

@@ -14,12 +14,13 @@ the fp32 bit pattern, sqrt and division are the correctly rounded sqrt_rn/div_rn
 launch disables FMA contraction (enable_fp_fusion=False). The kernel is memory bound
 (~12-14 bytes per element for bf16 weights, grads and moments), so neither costs time.
 
-Random bits: tl.randint4x(key, e >> 1) gives (w0, w1, w2, w3) for the element pair
-(e, e+1); tl.interleave spreads them so element e gets (a, b) = (w0, w1) if e is even,
+Random bits: Philox4x32-10(counter = e >> 1, key), written out in `_philox4x32_10`, gives
+(w0, w1, w2, w3) for the element pair (e, e+1); tl.interleave spreads them so element e gets (a, b) = (w0, w1) if e is even,
 (w2, w3) if odd: one Philox evaluation per two elements, the stream of the C++ kernel.
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import struct
 
@@ -31,10 +32,46 @@ from clip_fast.aot import KernelConfig
 
 BLOCK = 1024  # elements per program (must be even: Philox pairs)
 NUM_WARPS = 4
+# Compile options of every launch below, also used by the AOT check (aot_configs).
+LAUNCH_OPTIONS = dict(num_warps=NUM_WARPS, num_stages=3)
+ADAMW_LAUNCH_OPTIONS = dict(LAUNCH_OPTIONS, enable_fp_fusion=False)  # no FMA contraction: bit-exact
 META_COLS = tl.constexpr(9)  # p, g, m, r, rand, numel, key, step_size bits, inv_sqrt_bc2 bits
 KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 TARGET_EXP = tl.constexpr(8)  # same constants as clip_fast.optim
 EXP_LIMIT = tl.constexpr(100)
+
+
+PHILOX_MUL_A = tl.constexpr(0xD2511F53)  # Philox4x32-10 constants (csrc/adamw_sr.h)
+PHILOX_MUL_B = tl.constexpr(0xCD9E8D57)
+PHILOX_KEY_A = tl.constexpr(0x9E3779B9)
+PHILOX_KEY_B = tl.constexpr(0xBB67AE85)
+
+
+@triton.jit
+def _philox4x32_10(counter, key):
+    """Philox4x32-10 blocks (w0, w1, w2, w3) of 64-bit counters (c, 0, 0, 0) under a 64-bit key.
+
+    Written out instead of tl.randint4x: with an int64 counter Triton before 3.4 runs
+    Philox4x64 there, so the bits (and the C++/torch agreement) would depend on the version.
+    """
+    counter = counter.to(tl.int64)
+    key = key.to(tl.int64)  # a small key arrives as int32: sign-extend like the int64 key it is
+    c0 = (counter & 0xFFFFFFFF).to(tl.uint32)
+    c1 = ((counter >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    c2 = c0 * 0
+    c3 = c2
+    k0 = (key & 0xFFFFFFFF).to(tl.uint32)
+    k1 = ((key >> 32) & 0xFFFFFFFF).to(tl.uint32)
+    for _ in tl.static_range(10):
+        a0 = c0
+        a2 = c2
+        c0 = tl.umulhi(a2, PHILOX_MUL_B) ^ c1 ^ k0
+        c2 = tl.umulhi(a0, PHILOX_MUL_A) ^ c3 ^ k1
+        c1 = a2 * PHILOX_MUL_B
+        c3 = a0 * PHILOX_MUL_A
+        k0 = k0 + PHILOX_KEY_A
+        k1 = k1 + PHILOX_KEY_B
+    return c0, c1, c2, c3
 
 
 @triton.jit
@@ -183,7 +220,7 @@ def _adamw_kernel(
         else:
             key = tl.load(row + 6)
             pairs = blk * (BLOCK // 2) + tl.arange(0, BLOCK // 2)  # Philox counters e >> 1
-            w0, w1, w2, w3 = tl.randint4x(key, pairs)
+            w0, w1, w2, w3 = _philox4x32_10(pairs, key)
             wa = tl.interleave(w0, w2)
             wb = tl.interleave(w1, w3)
         r_p = wa & 0xFFFF
@@ -202,7 +239,7 @@ def _adamw_kernel(
         tl.atomic_add(count_ptr + t, skipped)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["key", "numel"])  # one compiled kernel for every key and size
 def _stochastic_round_kernel(
     x_ptr,  # (N,) fp32
     y_ptr,  # (N,) bf16 viewed as int16
@@ -219,7 +256,7 @@ def _stochastic_round_kernel(
     if EXPLICIT:
         wa = tl.load(rand_ptr + offs, mask=mask, other=0).to(tl.uint32, bitcast=True)
     else:
-        w0, w1, w2, w3 = tl.randint4x(key, blk * (BLOCK // 2) + tl.arange(0, BLOCK // 2))
+        w0, w1, w2, w3 = _philox4x32_10(blk * (BLOCK // 2) + tl.arange(0, BLOCK // 2), key)
         wa = tl.interleave(w0, w2)
     y = _bf16_bits(x, wa & 0xFFFF, True)
     tl.store(y_ptr + offs, y.to(tl.int16, bitcast=True), mask=mask)
@@ -228,6 +265,13 @@ def _stochastic_round_kernel(
 # --------------------------------------------------------------------------------------
 # Launchers
 # --------------------------------------------------------------------------------------
+def _device_of(t: torch.Tensor) -> contextlib.AbstractContextManager:
+    """Makes t's GPU current for a launch: Triton takes device and stream from the current
+    device, not from the tensors (cuda:1 tensors launched while cuda:0 is current would
+    fault). A no-op for CPU tensors (the interpreter)."""
+    return torch.cuda.device(t.device) if t.is_cuda else contextlib.nullcontext()
+
+
 def _f32_bits(x: float) -> int:
     return struct.unpack("<i", struct.pack("<f", x))[0]
 
@@ -240,7 +284,7 @@ def _block_table(numels: tuple[int, ...], device: torch.device) -> torch.Tensor:
 
 
 class StepTables:
-    """Device tables of one multi-tensor launch (shared with csrc/adamw_sr_cuda.cu)."""
+    """Device tables of one multi-tensor launch."""
 
     def __init__(self, params, grads, states, keys, scalars, rand=None) -> None:
         device = params[0].device
@@ -267,7 +311,7 @@ class StepTables:
         if self.fp16_state:
             self.exp_in = torch.stack([s["moment_exp"] for s in states])
             self.amax_in = torch.stack([s["rms_amax"] for s in states])
-            self.exp_out = torch.empty_like(self.exp_in)
+            self.exp_out = self.exp_in.clone()  # zero-size tensors have no program to write it
             self.amax_out = torch.zeros_like(self.amax_in)
         else:  # unused by the kernel; any valid pointers
             self.exp_in = self.exp_out = self.counts
@@ -300,24 +344,24 @@ def adamw_step(
     """
     tables = StepTables(params, grads, states, keys, scalars, rand)
     if tables.blocks.shape[0] > 0:
-        _adamw_kernel[(tables.blocks.shape[0],)](
-            tables.meta,
-            tables.blocks,
-            tables.exp_in,
-            tables.amax_in,
-            tables.exp_out,
-            tables.amax_out,
-            tables.counts,
-            *hyper.args(),
-            P_KIND=KIND[params[0].dtype],
-            G_KIND=KIND[grads[0].dtype],
-            S_KIND=KIND[states[0]["exp_avg"].dtype],
-            SR=bool(stochastic),
-            EXPLICIT=rand is not None,
-            BLOCK=BLOCK,
-            num_warps=NUM_WARPS,
-            enable_fp_fusion=False,
-        )
+        with _device_of(params[0]):
+            _adamw_kernel[(tables.blocks.shape[0],)](
+                tables.meta,
+                tables.blocks,
+                tables.exp_in,
+                tables.amax_in,
+                tables.exp_out,
+                tables.amax_out,
+                tables.counts,
+                *hyper.args(),
+                P_KIND=KIND[params[0].dtype],
+                G_KIND=KIND[grads[0].dtype],
+                S_KIND=KIND[states[0]["exp_avg"].dtype],
+                SR=bool(stochastic),
+                EXPLICIT=rand is not None,
+                BLOCK=BLOCK,
+                **ADAMW_LAUNCH_OPTIONS,
+            )
     return tables.write_back(states)
 
 
@@ -326,16 +370,17 @@ def stochastic_round(x: torch.Tensor, key: int, rand: torch.Tensor | None = None
     y = torch.empty(x.shape, dtype=torch.bfloat16, device=x.device)
     n = x.numel()
     if n:
-        _stochastic_round_kernel[(triton.cdiv(n, BLOCK),)](
-            x,
-            y.view(torch.int16),
-            rand if rand is not None else x,
-            key,
-            n,
-            EXPLICIT=rand is not None,
-            BLOCK=BLOCK,
-            num_warps=NUM_WARPS,
-        )
+        with _device_of(x):
+            _stochastic_round_kernel[(triton.cdiv(n, BLOCK),)](
+                x,
+                y.view(torch.int16),
+                rand if rand is not None else x,
+                key,
+                n,
+                EXPLICIT=rand is not None,
+                BLOCK=BLOCK,
+                **LAUNCH_OPTIONS,
+            )
     return y
 
 
@@ -363,6 +408,8 @@ _ADAMW_SIGNATURE = {
     "EXPLICIT": "constexpr",
     "BLOCK": "constexpr",
 }
+# torch's allocations are 16-byte aligned, so a launch specialises every pointer on it.
+_ADAMW_POINTERS = tuple(name for name, kind in _ADAMW_SIGNATURE.items() if kind.startswith("*"))
 _NAMES = {0: "fp32", 1: "bf16", 2: "fp16"}
 
 
@@ -380,7 +427,9 @@ def aot_configs() -> list[KernelConfig]:
     for pk, gk, sk, sr in combos:
         name = f"adamw_sr[p={_NAMES[pk]},g={_NAMES[gk]},m={_NAMES[sk]},{'sr' if sr else 'rne'}]"
         constexprs = dict(P_KIND=pk, G_KIND=gk, S_KIND=sk, SR=sr, EXPLICIT=False, BLOCK=BLOCK)
-        configs.append(KernelConfig(name, _adamw_kernel, _ADAMW_SIGNATURE, constexprs, num_warps=NUM_WARPS))
+        configs.append(
+            KernelConfig(name, _adamw_kernel, _ADAMW_SIGNATURE, constexprs, aligned=_ADAMW_POINTERS, **ADAMW_LAUNCH_OPTIONS)
+        )
     configs.append(
         KernelConfig(
             "stochastic_round_bf16",
@@ -388,7 +437,8 @@ def aot_configs() -> list[KernelConfig]:
             {"x_ptr": "*fp32", "y_ptr": "*i16", "rand_ptr": "*i32", "key": "i64", "numel": "i64",
              "EXPLICIT": "constexpr", "BLOCK": "constexpr"},
             dict(EXPLICIT=False, BLOCK=BLOCK),
-            num_warps=NUM_WARPS,
+            aligned=("x_ptr", "y_ptr", "rand_ptr"),
+            **LAUNCH_OPTIONS,
         )
     )
     return configs

@@ -15,9 +15,9 @@ from clip_fast import ContrastiveLoss, stochastic_round
 from clip_fast.optim import AdamW
 from clip_fast._ext import load_extension
 
-ext = load_extension()
+assert load_extension() is not None
 torch.manual_seed(0)
-out = {"isa": ext.cpu_isa()}
+out = {"isa": torch.ops.clip_fast.cpu_isa()}
 # contrastive loss: two 100 x 300 blocks, logits wide enough for both shift branches
 loss_module.CPU_BLOCK_ELEMENTS = 100 * 300
 g = torch.Generator().manual_seed(1)

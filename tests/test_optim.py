@@ -18,10 +18,9 @@ BF16_MAX = 3.3895313892515355e38
 
 @pytest.fixture(scope="module")
 def ext():
-    module = load_extension()
-    if module is None:
+    if load_extension() is None:
         pytest.skip("C++ extension unavailable (no compiler)")
-    return module
+    return torch.ops.clip_fast
 
 
 def bits16(t: torch.Tensor) -> torch.Tensor:
@@ -464,3 +463,76 @@ def test_bad_parameters_raise_value_error():
     p.grad = torch.eye(4).to_sparse()
     with pytest.raises(ValueError, match="sparse gradients"):
         opt.step()
+
+
+# --------------------------------------------------------------------------------------
+# Memory layouts: dense parameters are updated in place in any layout
+# --------------------------------------------------------------------------------------
+def _conv_params(memory_format, dtype, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    w = torch.randn(6, 5, 3, 3, generator=gen).to(dtype)
+    g = (torch.randn(6, 5, 3, 3, generator=gen) * 1e-2).to(dtype)
+    p = torch.nn.Parameter(w.contiguous(memory_format=memory_format))
+    p.grad = g.contiguous(memory_format=memory_format)
+    return p
+
+
+@pytest.mark.parametrize("backend", ["auto", "torch"])
+def test_channels_last_weights_update_in_place_in_memory_order(monkeypatch, backend):
+    """A channels_last conv weight keeps its storage and strides; its moments share its layout;
+    element e of memory (not of the logical order) takes random words e: the update equals
+    the reference update of the flat memory views."""
+    monkeypatch.setenv("CLIP_FAST_BACKEND", backend)
+    p = _conv_params(torch.channels_last, torch.bfloat16)
+    ptr, strides = p.data_ptr(), p.stride()
+    flat = lambda t: t.permute(0, 2, 3, 1).reshape(-1)  # channels_last memory order  # noqa: E731
+    ref_p, ref_g = flat(p.detach()).clone(), flat(p.grad).clone()
+    ref_m, ref_r = torch.zeros_like(ref_p), torch.zeros_like(ref_p)
+    opt = O.AdamW([p], lr=1e-2, betas=(0.9, 0.98), eps=1e-6, weight_decay=0.1, seed=11)
+    hyper = O.Hyper(0.9, 0.98, 1e-2, 0.1, 1e-6)
+    for step in (1, 2):
+        opt.step()
+        words = O.random_words(O.stream_key(11, 0, step), ref_p.numel())
+        O.torch_adamw_update(ref_p, ref_g, ref_m, ref_r, words, hyper, O.TensorScalars(1e-2, 0.9, 0.98, step), True)
+    assert p.data_ptr() == ptr and p.stride() == strides
+    state = opt.state[p]
+    assert state["exp_avg"].stride() == strides and state["exp_avg_rms"].stride() == strides
+    assert torch.equal(bits16(flat(p.detach())), bits16(ref_p))
+    assert torch.equal(bits16(flat(state["exp_avg"])), bits16(ref_m))
+    assert torch.equal(bits16(flat(state["exp_avg_rms"])), bits16(ref_r))
+
+
+@pytest.mark.parametrize("case", ["grad-contiguous", "state-contiguous", "param-strided-view"])
+def test_layout_mismatches_give_the_update_of_the_logical_elements(case):
+    """Without rounding noise (fp32), the result must not depend on layouts: a gradient or a
+    loaded state in another layout, and a non-dense parameter (a strided view)."""
+    want = _conv_params(torch.contiguous_format, torch.float32)
+    ref = O.AdamW([want], lr=1e-2, weight_decay=0.1)
+    if case == "param-strided-view":
+        base = torch.zeros(6, 5, 3, 6)
+        base[..., ::2] = want.detach()
+        got = torch.nn.Parameter(base[..., ::2])
+        got.grad = want.grad.clone()
+    else:
+        got = _conv_params(torch.channels_last, torch.float32)
+        if case == "grad-contiguous":
+            got.grad = got.grad.contiguous()
+    opt = O.AdamW([got], lr=1e-2, weight_decay=0.1)
+    for step in range(3):
+        ref.step()
+        opt.step()
+        if case == "state-contiguous" and step == 0:  # e.g. a checkpoint saved from a contiguous model
+            opt.load_state_dict(ref.state_dict())
+            assert opt.state[got]["exp_avg"].is_contiguous()
+    assert torch.equal(got.detach(), want.detach())
+    assert torch.equal(opt.state[got]["exp_avg"], ref.state[want]["exp_avg"])
+    if case == "param-strided-view":
+        assert not got.is_contiguous() and torch.equal(base[..., ::2], want.detach())
+
+
+def test_sr_cast_kernel_is_not_specialised_on_key_or_size():
+    """Triton would otherwise compile a kernel per key value class (1, multiples of 16, ...)."""
+    from clip_fast.kernels import adamw as K
+
+    flags = {p.name: p.do_not_specialize for p in K._stochastic_round_kernel.params}
+    assert flags["key"] and flags["numel"] and not flags["x_ptr"]

@@ -4,6 +4,8 @@ import math
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from clip_fast import optim as O
 from clip_fast.kernels import adamw as K
@@ -101,3 +103,42 @@ def test_optimizer_triton_backend_matches_torch_backend(monkeypatch):
     for k in sa["state"]:
         for name in ("exp_avg", "exp_avg_rms", "moment_exp", "rms_amax"):
             assert torch.equal(sa["state"][k][name], sb["state"][k][name]), name
+
+
+@triton.jit
+def _philox_probe(counter_ptr, key, out_ptr, N: tl.constexpr):
+    counters = tl.load(counter_ptr + tl.arange(0, N))
+    w0, w1, w2, w3 = K._philox4x32_10(counters, key)
+    offs = 4 * tl.arange(0, N)
+    tl.store(out_ptr + offs, w0.to(tl.int32, bitcast=True))
+    tl.store(out_ptr + offs + 1, w1.to(tl.int32, bitcast=True))
+    tl.store(out_ptr + offs + 2, w2.to(tl.int32, bitcast=True))
+    tl.store(out_ptr + offs + 3, w3.to(tl.int32, bitcast=True))
+
+
+def test_kernel_philox_is_philox4x32_whatever_the_triton_version():
+    """The kernel's own 32-bit Philox (not tl.randint4x, whose int64-counter variant is
+    Philox4x64 before Triton 3.4) against the torch reference, with counters that use the
+    high counter word and keys with the sign bit set, and the published known answer."""
+    counters = torch.tensor([0, 1, 2**32 - 1, 2**32, 2**32 + 7, 2**40 + 3, 2**62 - 1, 12345], dtype=torch.int64)
+    for key in (0, O.stream_key(1), O.stream_key(2024, 3, 9), -(2**63)):
+        out = torch.empty(4 * counters.numel(), dtype=torch.int32)
+        _philox_probe[(1,)](counters, key, out, N=counters.numel())
+        want = torch.stack(O.philox4x32_10(key, counters), dim=1).reshape(-1)
+        assert torch.equal(out.to(torch.int64) & 0xFFFFFFFF, want), key
+    out = torch.empty(4, dtype=torch.int32)
+    _philox_probe[(1,)](torch.zeros(1, dtype=torch.int64), 0, out, N=1)
+    assert (out.to(torch.int64) & 0xFFFFFFFF).tolist() == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
+
+
+def test_triton_stream_matches_the_cpp_stream():
+    """The SR cast's Philox bits under the interpreter against the C++ extension's."""
+    from clip_fast._ext import load_extension
+
+    if load_extension() is None:
+        pytest.skip("C++ extension unavailable")
+    x = torch.randn(5001) * 7
+    for seed in (0, 5, 2**40 + 1):
+        key = O.stream_key(seed)
+        got = K.stochastic_round(x, key)
+        assert torch.equal(got.view(torch.int16), torch.ops.clip_fast.stochastic_round_bf16(x, key).view(torch.int16))
