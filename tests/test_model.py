@@ -166,9 +166,9 @@ def test_length_buckets_are_exact_with_gradients():
     for name in g_full:
         torch.testing.assert_close(g_trim[name], g_full[name], rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
     lengths = (tokens.argmax(-1) + 1).tolist()
-    groups = _length_buckets(lengths, 4, 16)
-    assert len(groups) == 2 and sorted(sum(groups, [])) == list(range(41))
-    assert max(lengths[i] for i in groups[0]) < 77  # the short bucket is cut
+    groups = _length_buckets(lengths, 4)
+    assert len(groups) == 4 and sorted(sum(groups, [])) == list(range(41))
+    assert max(lengths[i] for i in groups[0]) < 77  # the short buckets are cut
 
 
 PAPER_CONFIGS = {"RN50": "RN50", "RN101": "RN101", "RN50x4": "RN50x4", "RN50x16": "RN50x16", "RN50x64": "RN50x64",
