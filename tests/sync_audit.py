@@ -11,8 +11,12 @@ on a CUDA device would block the host thread until the GPU catches up:
   host data       tensors made from Python data (`torch.tensor(list)`, aten.lift_fresh):
                   on a GPU run they are created on the host and copied to the device,
                   synchronously from pageable memory;
-  transfers       host -> device copies (aten._to_copy / copy_ from a CPU tensor to any
-                  other device), which only occur when a GPU is present.
+  transfers       host <-> device copies (aten._to_copy / copy_ between a CPU tensor and
+                  another device), which only occur when a GPU is present.
+
+`Tensor.tolist()` and `Tensor.numpy()` of a CPU tensor read its memory without an ATen
+call (on a GPU they copy to the host first), so the audit also wraps these two methods
+while it is active and records each call as a host read.
 
 On a CPU-only machine every tensor is a CPU tensor, so "host reads" of tensors that stay
 on the host in a GPU run (e.g. torch.optim's CPU step counters) would be counted too:
@@ -31,6 +35,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 
 aten = torch.ops.aten
+_THIS_FILE = __file__.replace("\\", "/")
 
 HOST_READ_OPS = frozenset({aten._local_scalar_dense.default})
 DATA_DEPENDENT_SHAPE_OPS = frozenset({
@@ -43,6 +48,7 @@ DATA_DEPENDENT_SHAPE_OPS = frozenset({
 })
 HOST_DATA_OPS = frozenset({aten.lift_fresh.default, aten.lift_fresh_copy.default})
 COPY_OPS = frozenset({aten._to_copy.default, aten.copy_.default, aten.to.device, aten.to.dtype_layout})
+_HOST_READ_METHODS = ("tolist", "numpy")
 BOOL_MASK_INDEX_OPS = frozenset({aten.index.Tensor, aten.index_put_.default, aten.index_put.default,
                                  aten._index_put_impl_.default})
 
@@ -60,7 +66,7 @@ def _caller() -> str:
     """The innermost stack frame outside torch and this module."""
     for frame in reversed(traceback.extract_stack()[:-3]):
         name = frame.filename.replace("\\", "/")
-        if "/torch/" not in name and not name.endswith("sync_audit.py"):
+        if "/torch/" not in name and name != _THIS_FILE:
             return f"{name}:{frame.lineno} {frame.line}"
     return "?"
 
@@ -70,12 +76,13 @@ def _has_bool_index(args) -> bool:
     return any(isinstance(i, torch.Tensor) and i.dtype == torch.bool for i in indices or ())
 
 
-def _is_host_to_device(func, args, kwargs) -> bool:
+def _crosses_host(func, args, kwargs) -> bool:
+    """A copy between the host (CPU) and another device."""
     if func is aten.copy_.default:
         dst, src = args[0], args[1]
-        return src.device.type == "cpu" and dst.device.type != "cpu"
+        return (src.device.type == "cpu") != (dst.device.type == "cpu")
     device = kwargs.get("device")
-    return device is not None and args[0].device.type == "cpu" and torch.device(device).type != "cpu"
+    return device is not None and (args[0].device.type == "cpu") != (torch.device(device).type == "cpu")
 
 
 class SyncAudit(TorchDispatchMode):
@@ -95,9 +102,32 @@ class SyncAudit(TorchDispatchMode):
             return "data-dependent shape"
         if func in HOST_DATA_OPS:
             return "tensor from host data"
-        if func in COPY_OPS and _is_host_to_device(func, args, kwargs):
-            return "host-to-device copy"
+        if func in COPY_OPS and _crosses_host(func, args, kwargs):
+            return "host-device copy"
         return None
+
+    def __enter__(self) -> "SyncAudit":
+        self._saved_methods = {name: getattr(torch.Tensor, name) for name in _HOST_READ_METHODS}
+        for name, method in self._saved_methods.items():
+            setattr(torch.Tensor, name, self._recording(name, method))
+        return super().__enter__()
+
+    def __exit__(self, *exc):
+        try:
+            return super().__exit__(*exc)
+        finally:
+            for name, method in self._saved_methods.items():
+                setattr(torch.Tensor, name, method)
+
+    def _recording(self, name: str, method):
+        audit = self
+
+        def read_on_host(tensor, *args, **kwargs):
+            if tensor.untyped_storage().data_ptr() not in audit.host_storages:
+                audit.events.append(SyncEvent("host read", f"Tensor.{name}", _caller()))
+            return method(tensor, *args, **kwargs)
+
+        return read_on_host
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}

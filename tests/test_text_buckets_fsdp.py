@@ -82,7 +82,8 @@ def _fsdp_matches_reference(rank: int, world_size: int) -> None:
         want_losses, want_grads = _reference(buckets)
         model = _shard(_model(buckets))
         images, tokens = _inputs(rank, model, buckets)
-        loss = _rank_loss(model, images, tokens)
+        image_features, text_features, scale = model(images, tokens)
+        loss = ContrastiveLoss()(image_features, text_features, scale)
         loss.backward()  # FSDP averages the gradients over the ranks
         # fp64 throughout: differences are summation-order roundings, ~1e-15 relative
         torch.testing.assert_close(loss.detach(), want_losses[rank], rtol=1e-11, atol=1e-13)
@@ -92,10 +93,10 @@ def _fsdp_matches_reference(rank: int, world_size: int) -> None:
             got = p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
             torch.testing.assert_close(got, want_grads[name], rtol=1e-9, atol=1e-12,
                                        msg=lambda m, name=name: f"{buckets} buckets, {name}: {m}")
-        with torch.no_grad():  # val: the same block calls without autograd
+        with torch.no_grad():  # val: the same block calls without autograd, twice
             for _ in range(2):
-                features = model.encode_text(tokens, normalize=True)
-        assert features.shape == (BATCH, model.config.embed_dim)
+                val_features = model(images, tokens)[1]
+                torch.testing.assert_close(val_features, text_features.detach(), rtol=1e-12, atol=1e-14)
 
 
 def test_fsdp2_text_buckets_match_single_process_and_do_not_hang():
