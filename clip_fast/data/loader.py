@@ -805,7 +805,7 @@ def dali_or_torch(loader: DaliShardLoader) -> ShardLoader:
     try:
         loader.probe()
     except Exception as e:
-        warn_once(f"DALI pipeline could not run ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ''}); "
+        warn_once(f"DALI pipeline could not run ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
                   "using the torch/PIL path")
         return TorchShardLoader(loader.shards, loader.batch_size, loader.image_size, loader.tokenize, loader.train,
                                 loader.rank, loader.world_size, loader.device, loader.dtype, loader.num_workers,
