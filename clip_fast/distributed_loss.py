@@ -68,12 +68,26 @@ def _collective_device(t: torch.Tensor, group) -> torch.device:
     return t.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
 
 
+# (group, rank, world_size, shape, device type) combinations already checked by check_group
+_CHECKED_GROUPS: set = set()
+
+
 def check_group(features: torch.Tensor, rank: int, world_size: int, group=None) -> None:
     """The process group matches (rank, world_size) and every rank holds features of
     the same (b, D); otherwise the same ValueError on every rank (the sizes are
-    all-gathered first, so no rank is left waiting in a later collective)."""
+    all-gathered first, so no rank is left waiting in a later collective).
+
+    The all-gather (and the host read of its result) runs once per group and shape: a
+    training step repeating a checked shape costs no collective and no host sync. Every
+    rank decides the same way as long as the ranks' shapes have agreed so far; a rank
+    whose shape changes to one only it has not seen (e.g. an uneven last eval batch)
+    is caught only if every rank's shape is new to it."""
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError(f"world_size={world_size} needs an initialised torch.distributed process group")
+    process_group = group if group is not None else dist.group.WORLD
+    key = (process_group, rank, world_size, tuple(features.shape), features.device.type)
+    if key in _CHECKED_GROUPS:
+        return
     if dist.get_world_size(group) != world_size or dist.get_rank(group) != rank:
         raise ValueError(
             f"rank={rank}, world_size={world_size} do not match the process group "
@@ -88,6 +102,23 @@ def check_group(features: torch.Tensor, rank: int, world_size: int, group=None) 
             "image_features/text_features must have the same shape (b, D) on every rank; got "
             + ", ".join(f"rank {r}: {s}" for r, s in enumerate(shapes))
         )
+    _CHECKED_GROUPS.add(key)
+
+
+def check_same_grad_output(g_all: torch.Tensor, spec: ShardSpec, shape: torch.Size) -> None:
+    """RuntimeError unless every rank's grad_output (g_all, (W,), the same on every rank)
+    is equal, which local_loss=True with gather_with_grad=True needs. Read on the host
+    (a sync) once per group and shape, like check_group: DDP gives every step the same."""
+    key = ("grad_output", spec.group if spec.group is not None else dist.group.WORLD, spec.rank, spec.world_size,
+           tuple(shape), g_all.device.type)
+    if key in _CHECKED_GROUPS:
+        return
+    if not bool((g_all == g_all[0]).all()):
+        raise RuntimeError(
+            "ContrastiveLoss(local_loss=True, gather_with_grad=True) needs the same grad_output on "
+            f"every rank (as DDP training gives); got {g_all.tolist()}"
+        )
+    _CHECKED_GROUPS.add(key)
 
 
 def _all_gather(x: torch.Tensor, spec: ShardSpec) -> torch.Tensor:
@@ -185,11 +216,7 @@ class ShardedContrastiveFunction(torch.autograd.Function):
             per_rank = _all_gather(torch.stack([g, g_dot.to(cd)])[None], spec)  # (W, 2)
             g_all, dot_sum = per_rank[:, 0], per_rank[:, 1].sum()
             if spec.local_loss:  # (and gather_with_grad)
-                if not bool((g_all == g_all[0]).all()):
-                    raise RuntimeError(
-                        "ContrastiveLoss(local_loss=True, gather_with_grad=True) needs the same grad_output on "
-                        f"every rank (as DDP training gives); got {g_all.tolist()}"
-                    )
+                check_same_grad_output(g_all, spec, image.shape)
                 coef = g / (2 * b)  # d(sum_q loss_q)/dfeatures = W dL/dfeatures, L over 2B
             elif spec.gather_with_grad:
                 coef = g_all.sum() / (2 * B)

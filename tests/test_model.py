@@ -175,9 +175,9 @@ def test_length_buckets_are_exact_with_gradients():
     for name in g_full:
         torch.testing.assert_close(g_trim[name], g_full[name], rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")
     lengths = (tokens.argmax(-1) + 1).tolist()
-    groups = _length_buckets(lengths, 4, 16)
-    assert len(groups) == 2 and sorted(sum(groups, [])) == list(range(41))
-    assert max(lengths[i] for i in groups[0]) < 77  # the short bucket is cut
+    groups = _length_buckets(lengths, 4)
+    assert len(groups) == 4 and sorted(sum(groups, [])) == list(range(41))
+    assert max(lengths[i] for i in groups[0]) < 77  # the short buckets are cut
 
 
 PAPER_CONFIGS = {"RN50": "RN50", "RN101": "RN101", "RN50x4": "RN50x4", "RN50x16": "RN50x16", "RN50x64": "RN50x64",
@@ -414,3 +414,50 @@ def test_apex_detection(tmp_path, monkeypatch, flavour):
         monkeypatch.delitem(sys.modules, mod)
     fn = backends.detect_apex_layer_norm()
     assert (fn() == "fused") if flavour == "nvidia" else (fn is None)
+
+
+def _autocast_casting_fused_layer_norm(seen: list):
+    """A stand-in for apex's fused_layer_norm_affine with its autocast behaviour: apex casts
+    its inputs to the autocast dtype when autocast is on for the input's device. Records the
+    dtypes it computes in; computes in fp64 so its own arithmetic adds no error."""
+
+    def fused(x, weight, bias, normalized_shape, eps):
+        if torch.is_autocast_enabled(x.device.type):
+            cast = torch.get_autocast_dtype(x.device.type)
+            x, weight, bias = x.to(cast), weight.to(cast), bias.to(cast)
+        seen.append((x.dtype, weight.dtype, bias.dtype))
+        return torch.nn.functional.layer_norm(x.double(), normalized_shape, weight.double(), bias.double(), eps).to(x.dtype)
+
+    return fused
+
+
+@pytest.mark.parametrize("width", [8, 37])
+def test_apex_layer_norm_runs_in_fp32_under_autocast(monkeypatch, width):
+    # apex's fused function casts to the autocast dtype: the "fp32 LayerNorm" must switch
+    # autocast off around it. The fake is routed CPU tensors (APEX_DEVICE_TYPES).
+    seen: list = []
+    monkeypatch.setattr(backends, "APEX_LAYER_NORM", _autocast_casting_fused_layer_norm(seen))
+    monkeypatch.setattr(backends, "APEX_DEVICE_TYPES", ("cpu",))
+    ln = backends.LayerNorm(width)
+    with torch.no_grad():
+        ln.weight.uniform_(0.5, 1.5)
+        ln.bias.uniform_(-0.5, 0.5)
+    x = torch.randn(3, 5, width) * 4 + 1
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = ln(x)
+    assert seen == [(torch.float32,) * 3]
+    assert out.dtype == torch.float32
+    want = torch.nn.functional.layer_norm(x.double(), (width,), ln.weight.double(), ln.bias.double(), ln.eps)
+    # fp32 all the way: errors of a few fp32 ulps of |out| (~3); bf16 would give ~1e-2
+    torch.testing.assert_close(out.double(), want, rtol=0, atol=16 * torch.finfo(torch.float32).eps * 4)
+
+
+@pytest.mark.gpu
+def test_apex_layer_norm_runs_in_fp32_under_cuda_autocast(monkeypatch):
+    seen: list = []
+    monkeypatch.setattr(backends, "APEX_LAYER_NORM", _autocast_casting_fused_layer_norm(seen))
+    ln = backends.LayerNorm(64).cuda()
+    x = torch.randn(4, 64, device="cuda")
+    with torch.autocast("cuda", dtype=torch.float16):
+        out = ln(x)
+    assert seen == [(torch.float32,) * 3] and out.dtype == torch.float32

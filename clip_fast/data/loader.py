@@ -4,22 +4,26 @@
                           device="cuda", dtype=torch.bfloat16, rank=rank, world_size=world)
     for epoch in range(epochs):
         loader.set_epoch(epoch)
-        for images, tokens in loader:   # (B, 3, 224, 224) bf16 on cuda, (B, 77) int64
+        for images, tokens in loader:   # (B, 3, 224, 224) bf16 on cuda, (B, L <= 77) int64
             ...
 
-Both backends read the same shard indexes (see shards.py) and split an epoch the same way:
+Both backends follow the same sample plan, from the same shard indexes (see shards.py):
 
   1. the shard order is shuffled per epoch (train) with a seed every rank shares;
   2. the concatenated sample list is cut into `world_size` contiguous slices, rank r
-     taking samples [floor(r N / W), floor((r+1) N / W)) -- DALI's own reader split, so
-     every sample is read exactly once per epoch across ranks;
-  3. samples are shuffled within the slice: DALI's reader shuffles through a buffer
-     filled with `shuffle_buffer` samples, the torch path permutes the slice.
+     taking samples [floor(r N / W), floor((r+1) N / W)), so every sample is read
+     exactly once per epoch across ranks;
+  3. the slice is permuted (train) and cut into batches; training crop windows are drawn
+     per (seed, epoch, sample). `set_epoch(epoch, start_batch)` resumes mid-epoch without
+     reading the batches before `start_batch`.
 
-DALI pads a rank's last batch with repeats of its last sample (`pad_last_batch`); the
-padding is cut off here, so eval sees every sample once. With `drop_last` (the default
-for training) every rank yields floor(floor(N / W) / B) full batches: equal counts on
-every rank, which collective losses need.
+With `drop_last` (the default for training) every rank yields floor(floor(N / W) / B)
+full batches: equal counts on every rank, which collective losses need.
+
+Tokens: the batch is tokenised off the training thread (DataLoader workers; a background
+thread for DALI), cut on the CPU to its longest caption rounded up to a multiple of 16
+(`prepare_tokens`: the text tower then reads no token value on the host), pinned when
+CUDA is available, and copied asynchronously.
 
 Transforms (open_clip's): train = random resized crop (scale 0.9-1.0, aspect 3/4-4/3) to
 image_size, bicubic; eval = bicubic resize of the shorter side to image_size, centre
@@ -31,10 +35,12 @@ eval test images, measured with the same filter on CPU).
 """
 from __future__ import annotations
 
+import io
 import logging
 import math
 import os
-from collections import Counter
+from collections import Counter, deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from typing import Callable, Iterator
 
@@ -96,11 +102,79 @@ def normalize(images: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch
     return torch.addcmul(shift, x, scale).to(dtype).contiguous()
 
 
+_SCALE_SHIFT: dict[torch.device, tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def _scale_shift(device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """(3, 1, 1) fp32 factors of `x * scale + shift` = (x / 255 - mean) / std."""
-    scale = torch.tensor([1.0 / (255.0 * s) for s in CLIP_STD], device=device).view(3, 1, 1)
-    shift = torch.tensor([-m / s for m, s in zip(CLIP_MEAN, CLIP_STD)], device=device).view(3, 1, 1)
-    return scale, shift
+    """(3, 1, 1) fp32 factors of `x * scale + shift` = (x / 255 - mean) / std, made once per
+    device (a tensor from Python data on a GPU is a blocking host-to-device copy)."""
+    device = torch.device(device)
+    if device not in _SCALE_SHIFT:
+        scale = torch.tensor([1.0 / (255.0 * s) for s in CLIP_STD], device=device).view(3, 1, 1)
+        shift = torch.tensor([-m / s for m, s in zip(CLIP_MEAN, CLIP_STD)], device=device).view(3, 1, 1)
+        _SCALE_SHIFT[device] = (scale, shift)
+    return _SCALE_SHIFT[device]
+
+
+# ------------------------------------------------------------------------- tokenisation
+def ranks_per_node() -> int:
+    """Processes sharing this node's cores: torchrun's LOCAL_WORLD_SIZE (1 when unset)."""
+    try:
+        return max(1, int(os.environ.get("LOCAL_WORLD_SIZE", "1")))
+    except ValueError:
+        return 1
+
+
+def host_threads(requested: int) -> int:
+    """At most `requested` threads, and at most this process's share of the node's cores."""
+    return max(1, min(requested, (os.cpu_count() or 1) // ranks_per_node()))
+
+
+def cap_tokenizer_threads() -> None:
+    """Give HF tokenizers' Rust thread pool (rayon, all cores per process by default) this
+    process's share of the cores: RAYON_RS_NUM_CPUS, read when the pool first starts, unless
+    the user set it. TOKENIZERS_PARALLELISM=false (serial encode_batch) is left as set."""
+    os.environ.setdefault("RAYON_RS_NUM_CPUS", str(host_threads(os.cpu_count() or 1)))
+
+
+def prepare_tokens(tokens: torch.Tensor, pin: bool) -> torch.Tensor:
+    """Tokens as the model takes them: cut on the CPU to the batch's longest caption rounded
+    up to a multiple of 16 (`clip_fast.model.trim_tokens`; the text tower reads no token
+    value on the host), contiguous, in pinned memory when `pin` (asynchronous transfer)."""
+    from clip_fast.model.model import trim_tokens
+
+    tokens = trim_tokens(tokens)
+    return tokens.pin_memory() if pin else tokens.contiguous()
+
+
+class TokenizeWorker:
+    """Tokenises caption batches on one background thread, in submission order.
+
+    `submit(captions)` returns a Future of `prepare_tokens(tokenize(captions), pin)`; a
+    tokenizer exception is raised by the Future's `result()`. `close()` (also on exit from
+    a `with` block) cancels what has not started and joins the thread. Callers keep the
+    queue short (the DALI loader submits at most its prefetch depth + 1 batches ahead).
+    """
+
+    def __init__(self, tokenize: Callable[[list[str]], torch.Tensor], pin: bool) -> None:
+        cap_tokenizer_threads()
+        self.tokenize, self.pin = tokenize, pin
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="clip_fast-tokenize")
+
+    def _run(self, captions: list[str]) -> torch.Tensor:
+        return prepare_tokens(self.tokenize(captions), self.pin)
+
+    def submit(self, captions: list[str]) -> Future:
+        return self._pool.submit(self._run, captions)
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=True, cancel_futures=True)
+
+    def __enter__(self) -> "TokenizeWorker":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
 
 class _Normalizer:
@@ -246,7 +320,7 @@ class _Collate:
 
     def __call__(self, batch):
         images = torch.from_numpy(np.stack([b[0] for b in batch]))  # (B, H, W, 3) uint8
-        tokens = self.tokenize([b[1] for b in batch])
+        tokens = prepare_tokens(self.tokenize([b[1] for b in batch]), pin=False)  # the DataLoader pins
         if self.normalize_dtype is not None:
             images = normalize(images, self.normalize_dtype)
         return images, tokens, sum(b[2] for b in batch)
@@ -266,6 +340,7 @@ class ShardLoader:
         self.rank, self.world_size, self.device, self.dtype = rank, world_size, device, dtype
         self.num_workers, self.seed, self.drop_last, self.shuffle_buffer = num_workers, seed, drop_last, shuffle_buffer
         self.epoch = 0
+        self.start_batch = 0  # the next iteration starts at this batch of the epoch (resume)
         self.num_samples = sum(len(s) for s in shards)
         skipped: Counter = Counter()
         for s in shards:
@@ -273,13 +348,18 @@ class ShardLoader:
         self.stats = LoaderStats(self.num_samples, 0, skipped)
         self.stats.rank_samples = self._plan(0)[2]
 
-    def set_epoch(self, epoch: int) -> None:
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
         """Select the epoch (shuffling and crops are a function of (seed, epoch, rank)).
 
-        Without calls, each complete pass moves to the next epoch by itself."""
+        `start_batch` resumes mid-epoch: the next pass yields batches start_batch,
+        start_batch + 1, ... of the epoch, equal to those of an uninterrupted pass, and the
+        samples of the batches before it are neither read nor decoded. Without calls, each
+        complete pass moves to the next epoch by itself (from batch 0)."""
         if not isinstance(epoch, int) or epoch < 0:
             raise ValueError(f"epoch must be a non-negative int, got {epoch!r}")
-        self.epoch = epoch
+        if not isinstance(start_batch, int) or isinstance(start_batch, bool) or not 0 <= start_batch <= len(self):
+            raise ValueError(f"start_batch must be an int in [0, {len(self)}] (batches per epoch), got {start_batch!r}")
+        self.epoch, self.start_batch = epoch, start_batch
         self.stats.rank_samples = self._plan(epoch)[2]
 
     def _plan(self, epoch: int) -> tuple[list[int], int, int]:
@@ -298,12 +378,25 @@ class ShardLoader:
         return -(-self._plan(self.epoch)[2] // self.batch_size)
 
     def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        epoch = self.epoch
-        yield from self._iterate(epoch)
-        self.epoch = epoch + 1
+        epoch, start = self.epoch, self.start_batch
+        yield from self._iterate(epoch, start)
+        self.epoch, self.start_batch = epoch + 1, 0
         self.stats.rank_samples = self._plan(self.epoch)[2]
 
-    def _iterate(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _sample_plan(self, epoch: int) -> tuple["_ShardDataset", list[list[int]]]:
+        """The epoch's samples (a dataset over the shards in the epoch's order) and this
+        rank's batches of sample numbers: its slice, permuted when training, cut into
+        batches (`len(self)` of them)."""
+        order, start, count = self._plan(epoch)
+        dataset = _ShardDataset([self.shards[i] for i in order], self.image_size, self.train, self.seed)
+        dataset.epoch = epoch
+        indices = np.arange(start, start + count)
+        if self.train:
+            np.random.default_rng([self.seed, epoch, self.rank, 1]).shuffle(indices)
+        batches = [indices[i : i + self.batch_size].tolist() for i in range(0, count, self.batch_size)][: len(self)]
+        return dataset, batches
+
+    def _iterate(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -316,14 +409,9 @@ class TorchShardLoader(ShardLoader):
 
     backend = "torch"
 
-    def _iterate(self, epoch: int):
-        order, start, count = self._plan(epoch)
-        dataset = _ShardDataset([self.shards[i] for i in order], self.image_size, self.train, self.seed)
-        dataset.epoch = epoch
-        indices = np.arange(start, start + count)
-        if self.train:
-            np.random.default_rng([self.seed, epoch, self.rank, 1]).shuffle(indices)
-        batches = [indices[i : i + self.batch_size].tolist() for i in range(0, count, self.batch_size)][: len(self)]
+    def _iterate(self, epoch: int, start_batch: int):
+        dataset, batches = self._sample_plan(epoch)
+        batches = batches[start_batch:]
         if not batches:
             return
         on_cpu = self.device.type == "cpu"
@@ -348,20 +436,110 @@ class TorchShardLoader(ShardLoader):
             yield images, tokens.to(self.device, non_blocking=True)
 
 
-class DaliShardLoader(ShardLoader):
-    """DALI pipeline: webdataset reader and JPEG decode on GPU ('mixed': nvJPEG + the
-    hardware decoder) or on CPU threads (device_id=None).
+@dataclass
+class DaliOptions:
+    """Settings of the DALI pipeline's JPEG decoder (None: DALI's default).
 
-    GPU: crop, resize and normalise run inside DALI too. CPU: DALI reads and decodes (for
-    training only the random crop's window: ROI decode), and the resample to S x S and the
-    normalisation run in torch on the iterating thread, overlapped with DALI's threads
-    decoding the next batches. DALI's CPU resampler costs ~3.1 ms per 400x300 -> 224
-    bicubic antialiased image, 4x its JPEG decode and 10x torch's uint8 kernel with Pillow's
-    filter (see `resize_uint8`), so a pipeline resampling in DALI is slower than PIL
-    DataLoader workers (README "Data" has the per-stage numbers).
+    hw_decoder_load: fraction of each batch given to the hardware JPEG decoder (A100,
+        H100) on the 'mixed' device, the rest to nvJPEG's CUDA decoder.
+    device_memory_padding, host_memory_padding: bytes added to each nvJPEG device / pinned
+        host buffer allocation, so buffers grow rarely (DALI's default 16 MB / 8 MB).
+    preallocate_width_hint, preallocate_height_hint: the image size the hardware decoder
+        preallocates its buffers for.
+    prefetch_queue_depth: batches DALI prepares ahead.
+    """
+
+    hw_decoder_load: float | None = None
+    device_memory_padding: int | None = None
+    host_memory_padding: int | None = None
+    preallocate_width_hint: int | None = None
+    preallocate_height_hint: int | None = None
+    prefetch_queue_depth: int = 2
+
+    def decoder_kwargs(self, device: str) -> dict:
+        """Keyword arguments of fn.decoders.* for `device` ('mixed' takes all of them)."""
+        if device != "mixed":
+            return {}
+        names = ("hw_decoder_load", "device_memory_padding", "host_memory_padding",
+                 "preallocate_width_hint", "preallocate_height_hint")
+        return {n: getattr(self, n) for n in names if getattr(self, n) is not None}
+
+
+class _DaliFeed:
+    """The external source of the DALI pipeline: per batch of the epoch's sample plan, the
+    encoded images (and for training each sample's crop window, drawn from (seed, epoch,
+    sample) as the torch path draws it), read with pread. The batch's captions go to the
+    tokenisation worker as the batch is fed; `pending` keeps (rows, tokens Future) in feed
+    order, which is DALI's output order. `fed` counts the samples handed to the decoder."""
+
+    def __init__(self, train: bool) -> None:
+        self.train = train
+        self.dataset: _ShardDataset | None = None
+        self.batches: list[list[int]] = []
+        self.tokens: TokenizeWorker | None = None
+        self.pending: deque = deque()
+        self.fed = 0
+
+    def start(self, dataset: "_ShardDataset", batches: list[list[int]], tokens: TokenizeWorker) -> None:
+        self.dataset, self.batches, self.tokens = dataset, batches, tokens
+        self.pending.clear()
+
+    def __iter__(self):  # DALI calls iter() for each pass (cycle="raise")
+        for batch in self.batches:  # read at the first next(): the plan set by start()
+            yield self._batch(batch)
+
+    def _batch(self, batch: list[int]):
+        from PIL import Image
+
+        encoded, captions, windows = [], [], []
+        for i in batch:
+            shard = int(self.dataset.shard_of[i])
+            img_off, img_size, txt_off, txt_size = (int(v) for v in self.dataset.offsets[i])
+            data = self.dataset._read(shard, img_off, img_size)
+            encoded.append(np.frombuffer(data, dtype=np.uint8))
+            captions.append(self.dataset._read(shard, txt_off, txt_size).decode("utf-8"))
+            if self.train:
+                with Image.open(io.BytesIO(data)) as img:  # the header only
+                    rng = np.random.default_rng([self.dataset.seed, self.dataset.epoch, i])
+                    windows.append(random_resized_crop_box(img.width, img.height, rng))
+        self.pending.append((len(batch), self.tokens.submit(captions)))
+        self.fed += len(batch)
+        if not self.train:
+            return (encoded,)
+        anchors = [np.array(w[:2], dtype=np.float32) for w in windows]  # (x, y)
+        shapes = [np.array(w[2:], dtype=np.float32) for w in windows]  # (w, h)
+        return encoded, anchors, shapes
+
+
+class DaliShardLoader(ShardLoader):
+    """DALI pipeline: JPEG decode on GPU ('mixed': nvJPEG + the hardware decoder) or on CPU
+    threads (device_id=None), fed with the loader's own sample plan (the torch path's: the
+    same order, the same training crop windows) through an external source.
+
+    The pipeline is built once and reset between epochs; a mid-epoch resume
+    (`set_epoch(epoch, start_batch)`) feeds only the batches from `start_batch` on. GPU
+    outputs are produced on torch's current stream and handed over by DLPack, then copied
+    into a torch-owned tensor on that stream. Captions are tokenised on a background
+    thread (`TokenizeWorker`) while DALI decodes. DALI's CPU threads: `num_workers`, at
+    most this rank's share of the node's cores (LOCAL_WORLD_SIZE).
+
+    GPU: crop, resize and normalise run inside DALI too. CPU: DALI decodes (for training
+    only the crop window: ROI decode), and the resample to S x S and the normalisation run
+    in torch on the iterating thread, overlapped with DALI's threads decoding the next
+    batches. DALI's CPU resampler costs ~3.1 ms per 400x300 -> 224 bicubic antialiased
+    image, 4x its JPEG decode and 10x torch's uint8 kernel with Pillow's filter (see
+    `resize_uint8`), so a pipeline resampling in DALI is slower than PIL DataLoader
+    workers (README "Data" has the per-stage numbers).
     """
 
     backend = "dali"
+
+    def __init__(self, *args, options: DaliOptions | None = None) -> None:
+        super().__init__(*args)
+        self.options = options or DaliOptions()
+        self.feed = _DaliFeed(self.train)
+        self._pipe = None
+        self._pipe_exhausted = False  # the last pass ended in StopIteration: reset() is enough
 
     def _out_type(self):
         from nvidia.dali import types
@@ -372,73 +550,64 @@ class DaliShardLoader(ShardLoader):
             return types.FLOAT16, torch.float16
         return types.FLOAT, torch.float32
 
-    def build_pipeline(self, epoch: int, order: list[int]):
-        from nvidia.dali import fn, math as dmath, types
+    def build_pipeline(self):
+        """The DALI pipeline over `self.feed` (built; fed when run)."""
+        from nvidia.dali import fn, types
         from nvidia.dali.pipeline import Pipeline
 
-        s = self.image_size
         on_cpu = self.device.type == "cpu"
         device_id = None if on_cpu else (self.device.index if self.device.index is not None else torch.cuda.current_device())
-        seed = int(np.random.default_rng([self.seed, epoch, self.rank, 2]).integers(2**31 - 1))
-        pipe = Pipeline(batch_size=self.batch_size, num_threads=max(1, self.num_workers), device_id=device_id,
-                        seed=seed, prefetch_queue_depth=2)
+        seed = int(np.random.default_rng([self.seed, self.rank, 2]).integers(2**31 - 1))
+        pipe = Pipeline(batch_size=self.batch_size, num_threads=host_threads(max(1, self.num_workers)),
+                        device_id=device_id, seed=seed, prefetch_queue_depth=self.options.prefetch_queue_depth)
         decode_device = "cpu" if on_cpu else "mixed"
+        hints = self.options.decoder_kwargs(decode_device)
         with pipe:
-            encoded, captions = fn.readers.webdataset(
-                paths=[self.shards[i].path for i in order],
-                index_paths=[self.shards[i].index_path for i in order],
-                ext=["jpg;jpeg;png;webp", "txt"],
-                missing_component_behavior="error",  # indexes list complete samples only
-                shard_id=self.rank,
-                num_shards=self.world_size,
-                random_shuffle=self.train,
-                initial_fill=self.shuffle_buffer,
-                pad_last_batch=True,  # exact epochs: the last batch is padded, we cut the padding
-                stick_to_shard=True,
-                name="reader",
-            )
             if self.train:
-                # Decode only the random crop (ROI decode); it is resized to S x S below
-                # (GPU) or by torch (CPU).
-                images = fn.decoders.image_random_crop(
-                    encoded, device=decode_device, output_type=types.RGB,
-                    random_area=[0.9, 1.0], random_aspect_ratio=[3 / 4, 4 / 3], num_attempts=10,
-                )
+                encoded, anchor, shape = fn.external_source(source=self.feed, num_outputs=3, batch=True, cycle="raise")
+                # Decode only the crop window (ROI decode); resized to S x S below (GPU) or by torch (CPU).
+                images = fn.decoders.image_slice(encoded, anchor, shape, device=decode_device, output_type=types.RGB,
+                                                 normalized_anchor=False, normalized_shape=False, axis_names="WH", **hints)
             else:
-                images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB)
-            if on_cpu:  # uint8 (h, w, 3) per sample, resampled in _cpu_batch
-                pipe.set_outputs(images, captions)
-                pipe.build()
-                return pipe
-            if self.train:
-                images = fn.resize(images, resize_x=s, resize_y=s, interp_type=types.INTERP_CUBIC, antialias=True)
-                crop_pos = [0.5, 0.5]  # already S x S
-            else:
-                # Output size computed like torchvision's Resize(int): shorter side -> S,
-                # longer side -> floor(S * long / short).
-                shape = fn.peek_image_shape(encoded)  # (H, W, C) from the header
-                h, w = shape[0], shape[1]
-                short = dmath.min(h, w)
-                new_h, new_w = s * h // short, s * w // short
-                images = fn.resize(
-                    images,
-                    resize_x=fn.cast(new_w, dtype=types.FLOAT),
-                    resize_y=fn.cast(new_h, dtype=types.FLOAT),
-                    interp_type=types.INTERP_CUBIC, antialias=True,
-                )
-                # Centre-crop offsets like torchvision: round((new - S) / 2) with Python's
-                # round-half-to-even (DALI's own centring rounds halves up: a one-pixel
-                # shift for odd margins). Passed as a relative position DALI maps back to
-                # exactly this integer.
-                crop_pos = [_half_even_half(new_h - s), _half_even_half(new_w - s)]
-            images = fn.crop_mirror_normalize(
-                images, dtype=self._out_type()[0], output_layout="CHW", crop=(s, s),
-                crop_pos_y=crop_pos[0], crop_pos_x=crop_pos[1],
-                mean=[255 * m for m in CLIP_MEAN], std=[255 * v for v in CLIP_STD],
-            )
-            pipe.set_outputs(images, captions)
+                encoded, = fn.external_source(source=self.feed, num_outputs=1, batch=True, cycle="raise")
+                images = fn.decoders.image(encoded, device=decode_device, output_type=types.RGB, **hints)
+            if not on_cpu:
+                images = self._gpu_transform(encoded, images)
+            pipe.set_outputs(images)  # CPU: uint8 (h, w, 3) per sample, resampled in _cpu_batch
         pipe.build()
         return pipe
+
+    def _gpu_transform(self, encoded, images):
+        """DALI graph: decoded RGB -> S x S normalised CHW (`self._out_type()`)."""
+        from nvidia.dali import fn, math as dmath, types
+
+        s = self.image_size
+        if self.train:
+            images = fn.resize(images, resize_x=s, resize_y=s, interp_type=types.INTERP_CUBIC, antialias=True)
+            crop_pos = [0.5, 0.5]  # already S x S
+        else:
+            # Output size computed like torchvision's Resize(int): shorter side -> S,
+            # longer side -> floor(S * long / short).
+            shape = fn.peek_image_shape(encoded)  # (H, W, C) from the header
+            h, w = shape[0], shape[1]
+            short = dmath.min(h, w)
+            new_h, new_w = s * h // short, s * w // short
+            images = fn.resize(
+                images,
+                resize_x=fn.cast(new_w, dtype=types.FLOAT),
+                resize_y=fn.cast(new_h, dtype=types.FLOAT),
+                interp_type=types.INTERP_CUBIC, antialias=True,
+            )
+            # Centre-crop offsets like torchvision: round((new - S) / 2) with Python's
+            # round-half-to-even (DALI's own centring rounds halves up: a one-pixel
+            # shift for odd margins). Passed as a relative position DALI maps back to
+            # exactly this integer.
+            crop_pos = [_half_even_half(new_h - s), _half_even_half(new_w - s)]
+        return fn.crop_mirror_normalize(
+            images, dtype=self._out_type()[0], output_layout="CHW", crop=(s, s),
+            crop_pos_y=crop_pos[0], crop_pos_x=crop_pos[1],
+            mean=[255 * m for m in CLIP_MEAN], std=[255 * v for v in CLIP_STD],
+        )
 
     def _cpu_batch(self, images_dali, k: int) -> torch.Tensor:
         """First k decoded samples (uint8 HWC, varying sizes) -> normalised (k, 3, S, S).
@@ -469,42 +638,64 @@ class DaliShardLoader(ShardLoader):
             torch.set_num_threads(threads)
         return out
 
-    def _iterate(self, epoch: int):
-        from nvidia.dali.plugin.pytorch import feed_ndarray
+    def _pipeline_for(self, dataset: "_ShardDataset", batches: list[list[int]], tokens: TokenizeWorker):
+        """The pipeline, fed `batches` from its next pass on: built on first use, reset when
+        the previous pass ran to its end, rebuilt after a pass abandoned midway (its
+        prefetched batches would otherwise come out first)."""
+        self.feed.start(dataset, batches, tokens)
+        if self._pipe is not None and self._pipe_exhausted:
+            self._pipe.reset()
+        else:
+            self._pipe = None  # drop an abandoned pipeline before building its successor
+            self._pipe = self.build_pipeline()
+        self._pipe_exhausted = False
+        return self._pipe
 
-        order, _, count = self._plan(epoch)
-        n_batches = len(self)
-        if n_batches == 0:
+    def _gpu_images(self, images_dali, rows: int) -> torch.Tensor:
+        """DALI's GPU batch -> a torch-owned (rows, 3, S, S) tensor of `self.dtype`. The
+        outputs were made ready on torch's current stream (pipe.run(stream)); the DLPack
+        view keeps DALI's buffer alive until the copy enqueued here on that stream is
+        done with it."""
+        with torch.cuda.device(self.device):
+            view = torch.from_dlpack(images_dali.as_tensor())
+        return view[:rows].to(self.dtype, copy=True)
+
+    def _iterate(self, epoch: int, start_batch: int):
+        dataset, batches = self._sample_plan(epoch)
+        batches = batches[start_batch:]
+        if not batches:
             return
-        pipe = self.build_pipeline(epoch, order)
-        meta = pipe.reader_meta("reader")
-        if meta["epoch_size"] != self.num_samples:
-            raise RuntimeError(f"DALI reader sees {meta['epoch_size']} samples, the indexes list {self.num_samples}")
         on_cpu = self.device.type == "cpu"
-        out_dtype = self._out_type()[1]
-        stream = None if on_cpu else torch.cuda.current_stream(self.device)
-        try:
-            for b in range(n_batches):
+        with TokenizeWorker(self.tokenize, pin=not on_cpu and torch.cuda.is_available()) as tokens:
+            pipe = self._pipeline_for(dataset, batches, tokens)
+            stream = None if on_cpu else torch.cuda.current_stream(self.device)
+            while True:
                 try:
-                    images_dali, captions_dali = pipe.run()
+                    (images_dali,) = pipe.run() if stream is None else pipe.run(stream)
+                except StopIteration:
+                    self._pipe_exhausted = True
+                    return
                 except RuntimeError as e:
+                    self._pipe = None
                     raise RuntimeError(
                         "DALI pipeline failed (a shard changed since it was indexed?). Re-index with "
                         "verify_images=True or use backend='torch', which skips undecodable images: " + str(e).split("\n")[0]
                     ) from e
-                k = min(self.batch_size, count - b * self.batch_size)  # cut pad_last_batch padding
-                captions = [np.asarray(captions_dali[i]).tobytes().decode("utf-8") for i in range(k)]
-                if on_cpu:
-                    images = self._cpu_batch(images_dali, k)
-                else:
-                    tensor = images_dali.as_tensor()
-                    images = torch.empty(tensor.shape(), dtype=out_dtype, device=self.device)
-                    feed_ndarray(tensor, images, cuda_stream=stream)
-                    images = images[:k].to(self.dtype)
-                tokens = self.tokenize(captions)
-                yield images, tokens.to(self.device, non_blocking=True)
-        finally:
-            del pipe
+                rows, batch_tokens = self.feed.pending.popleft()
+                images = self._cpu_batch(images_dali, rows) if on_cpu else self._gpu_images(images_dali, rows)
+                yield images, batch_tokens.result().to(self.device, non_blocking=True)
+
+    def probe(self) -> None:
+        """Build the pipeline and decode epoch 0's first batch (what a DALI install that
+        imports but cannot run here fails on); the next pass starts afresh."""
+        dataset, batches = self._sample_plan(0)
+        with TokenizeWorker(self.tokenize, pin=False) as tokens:
+            try:
+                pipe = self._pipeline_for(dataset, batches[:1], tokens)
+                pipe.run()
+            finally:
+                self._pipe = None
+                self.feed.pending.clear()
 
 
 def _half_even_half(margin):
@@ -555,6 +746,7 @@ def build_loader(
     drop_last: bool | None = None,
     shuffle_buffer: int = 1024,
     verify_images: bool | None = None,
+    dali_options: DaliOptions | None = None,
 ) -> ShardLoader:
     """Build a loader over webdataset shards (see the module docstring for the semantics).
 
@@ -567,8 +759,10 @@ def build_loader(
         device, dtype: where and in which floating dtype images are returned.
         num_workers: DataLoader workers (torch) or DALI CPU threads.
         drop_last: defaults to `train`.
-        shuffle_buffer: DALI reader shuffle buffer (samples) for training.
+        shuffle_buffer: accepted for compatibility; both backends permute this rank's
+            whole slice of the epoch.
         verify_images: see `shards.load_shard_index`.
+        dali_options: decoder settings of the DALI backend (`DaliOptions`).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -602,7 +796,7 @@ def build_loader(
     if backend == "dali":
         if not dali_available():
             raise RuntimeError("backend='dali' but nvidia-dali is not installed (pip install nvidia-dali-cuda120)")
-        return DaliShardLoader(*args)
+        return DaliShardLoader(*args, options=dali_options)
     if device.type == "cpu":
         # The torch path replaces and counts an image that fails to decode at run time
         # (a shard changed after indexing), where DALI stops with an error; DALI's CPU
@@ -611,10 +805,19 @@ def build_loader(
     if not dali_available():
         warn_once("nvidia-dali is not installed: data loading uses the torch/PIL path")
         return TorchShardLoader(*args)
-    loader = DaliShardLoader(*args)
-    try:  # a DALI that imports but cannot run here (driver, libraries) must not stop training
-        loader.build_pipeline(0, loader._plan(0)[0])
+    return dali_or_torch(DaliShardLoader(*args, options=dali_options))
+
+
+def dali_or_torch(loader: DaliShardLoader) -> ShardLoader:
+    """`loader` when its pipeline builds and decodes a first batch, else (with a warning)
+    the torch/PIL loader of the same arguments: a DALI that imports but cannot run here
+    (driver, libraries, a decoder failing at run time) must not stop training."""
+    try:
+        loader.probe()
     except Exception as e:
-        warn_once(f"DALI pipeline could not be built ({type(e).__name__}: {e}); using the torch/PIL path")
-        return TorchShardLoader(*args)
+        warn_once(f"DALI pipeline could not run ({type(e).__name__}: {' '.join(str(e).split())[:300]}); "
+                  "using the torch/PIL path")
+        return TorchShardLoader(loader.shards, loader.batch_size, loader.image_size, loader.tokenize, loader.train,
+                                loader.rank, loader.world_size, loader.device, loader.dtype, loader.num_workers,
+                                loader.seed, loader.drop_last, loader.shuffle_buffer)
     return loader

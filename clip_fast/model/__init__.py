@@ -22,10 +22,13 @@ from clip_fast.model.model import (
     load,
     load_weights,
     read_checkpoint,
+    text_length_for,
+    trim_tokens,
 )
 
 __all__ = [
     "CLIP", "CONFIGS", "CLIPConfig", "TextConfig", "VisionConfig", "AttentionPool2d", "attention_backend",
     "attention_pool_reference", "config_from_state_dict", "create", "from_checkpoint", "from_state_dict", "get_config",
     "list_models", "load", "load_weights", "read_checkpoint", "set_attention_backend",
+    "text_length_for", "trim_tokens",
 ]

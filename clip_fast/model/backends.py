@@ -61,6 +61,7 @@ def detect_apex_layer_norm():
 _FLASH_QKVPACKED = _import("flash_attn", "flash_attn_qkvpacked_func")
 _XFORMERS_OPS = _import("xformers.ops")
 APEX_LAYER_NORM = detect_apex_layer_norm()
+APEX_DEVICE_TYPES = ("cuda",)  # devices whose tensors go to APEX_LAYER_NORM
 
 
 def flash_attn_available() -> bool:
@@ -145,9 +146,12 @@ class LayerNorm(nn.LayerNorm):
         dtype = torch.promote_types(x.dtype, torch.float32)  # fp32, or fp64 for fp64 inputs
         weight = self.weight.to(dtype) if self.weight is not None else None
         bias = self.bias.to(dtype) if self.bias is not None else None
-        fused = APEX_LAYER_NORM if x.is_cuda and dtype == torch.float32 else None
+        fused = APEX_LAYER_NORM if x.device.type in APEX_DEVICE_TYPES and dtype == torch.float32 else None
         if fused is not None and weight is not None:
-            out = fused(x.to(dtype), weight, bias, self.normalized_shape, self.eps)
+            # apex registers its fused function with autocast's half-precision cast
+            # (amp.half_function): autocast off, so it runs on the fp32 tensors given.
+            with torch.autocast(x.device.type, enabled=False):
+                out = fused(x.to(dtype), weight, bias, self.normalized_shape, self.eps)
         else:
             out = F.layer_norm(x.to(dtype), self.normalized_shape, weight, bias, self.eps)
         return out.to(x.dtype)

@@ -9,8 +9,10 @@ does. What differs from those implementations is how the towers compute:
   text tower uses the causal flag, never a materialised mask);
 - the text tower cuts each batch to its longest caption (exact: under the causal mask no
   position attends to a later one, so positions after the last EOT cannot change any
-  EOT feature) and runs the last block for the pooled position only; the ViT likewise
-  runs its last block for the class token only;
+  EOT feature): on CUDA in one pass whose length the loader fixes on the CPU (longest
+  caption rounded up to a multiple of 16, no host sync), elsewhere in a fixed number of
+  length buckets (see CLIP.encode_text); it runs the last block for the pooled position
+  only; the ViT likewise runs its last block for the class token only;
 - ModifiedResNet's attention pooling is the fused kernel of
   clip_fast.model.attention_pool (projections moved off the L tokens);
 - LayerNorm is computed in fp32 under autocast; gradient checkpointing per block (BatchNorm
@@ -423,11 +425,8 @@ class CLIP(nn.Module):
         super().__init__()
         self.config = config
         self.output_dict = output_dict
-        # Text batches are cut to their longest caption; a batch whose lengths spread widely
-        # (one 77-token caption among 20-token ones) is split into up to `text_buckets`
-        # groups of at least `text_bucket_rows` rows, each cut to its own longest caption.
-        self.text_buckets = 4
-        self.text_bucket_rows = 16
+        # Length buckets of the text tower (see encode_text): None = 1 on CUDA, 4 elsewhere.
+        self.text_buckets: int | None = None
         act = QuickGELU if config.quick_gelu else nn.GELU
         v, t = config.vision, config.text
         self.visual = ModifiedResNet(v, config.embed_dim) if v.is_resnet else VisionTransformer(v, config.embed_dim, act)
@@ -489,42 +488,73 @@ class CLIP(nn.Module):
         features = self.visual(images)
         return F.normalize(features, dim=-1) if normalize else features
 
-    def encode_text(self, text: torch.Tensor, normalize: bool = False, trim: bool = True) -> torch.Tensor:
+    def text_bucket_count(self, device: torch.device) -> int:
+        """Text-tower passes per batch: `text_buckets` when set, else 1 on CUDA, 4 elsewhere."""
+        if self.text_buckets is not None:
+            if not isinstance(self.text_buckets, int) or self.text_buckets < 1:
+                raise ValueError(f"text_buckets must be a positive int or None, got {self.text_buckets!r}")
+            return self.text_buckets
+        return 1 if device.type == "cuda" else 4
+
+    def encode_text(self, text: torch.Tensor, normalize: bool = False, trim: bool | None = None) -> torch.Tensor:
         """text (B, L <= context_length) token ids, EOT = the largest id of each row ->
         features (B, embed_dim) taken at the EOT position after ln_final.
 
-        `trim` cuts the batch to its longest caption (same result, less work); False keeps
-        all L positions (static shapes, e.g. for torch.compile without dynamic shapes)."""
+        Trimming is exact: under the causal mask no position attends to a later one, so the
+        positions after a row's EOT cannot change its feature. With k = text_bucket_count:
+          k = 1 (CUDA default): one pass over the L positions given, token values never read
+            on the host (no host sync; fixed shapes for torch.compile / CUDA graphs). The
+            loader trims each batch on the CPU to its longest caption rounded up to a
+            multiple of 16 (`trim_tokens`) before the transfer.
+          k > 1 (CPU default): the lengths are read on the host and the rows are split into
+            exactly k equal-count groups of increasing length, each cut to its own longest
+            caption (every rank runs each text block k times, which FSDP needs).
+        `trim=None` follows k; True reads the lengths on the host in every case (one host
+        sync for device tensors) and trims to the longest caption rounded up to a multiple
+        of 16 (k = 1) or per bucket (k > 1); False runs all L positions in one pass.
+        Token ids are range-checked (ValueError) wherever they are read on the host."""
         if not isinstance(text, torch.Tensor) or text.dtype not in (torch.int64, torch.int32):
             raise TypeError(f"text must be an int64/int32 tensor of token ids, got {getattr(text, 'dtype', type(text))}")
         if text.dim() != 2 or text.shape[0] == 0 or not 0 < text.shape[1] <= self.context_length:
             raise ValueError(
                 f"text must have shape (B, L) with 1 <= L <= context_length={self.context_length}, got {tuple(text.shape)}"
             )
+        buckets = self.text_bucket_count(text.device)
         eot = text.argmax(dim=-1)  # (B,)
-        # One host sync for validation and the trimmed lengths.
+        if trim is False or (trim is None and buckets == 1):
+            x = self._encode_tokens(text, eot)
+        else:
+            lengths = self._host_lengths(text, eot)
+            if buckets == 1:
+                x = self._encode_tokens(text[:, : text_length_for(max(lengths), text.shape[1])], eot)
+            else:
+                x = self._encode_buckets(text, eot, lengths, buckets)
+        return F.normalize(x, dim=-1) if normalize else x
+
+    def _host_lengths(self, text: torch.Tensor, eot: torch.Tensor) -> list[int]:
+        """Caption lengths (EOT index + 1) read on the host, with the token id range check
+        (one host sync for device tensors)."""
         stats = torch.cat([torch.stack([text.min(), text.max()]), eot]).tolist()
         (lo, hi), lengths = stats[:2], [i + 1 for i in stats[2:]]
         if lo < 0 or hi >= self.vocab_size:
             raise ValueError(f"token ids must lie in [0, vocab_size={self.vocab_size}), got range [{lo}, {hi}]")
-        if not trim:
-            x = self._encode_tokens(text, eot)
-        else:
-            groups = _length_buckets(lengths, self.text_buckets, self.text_bucket_rows)
-            if len(groups) == 1:
-                x = self._encode_tokens(text[:, : max(lengths)], eot)
-            else:
-                # Rows are independent in the text tower: each bucket of similar lengths
-                # is cut to its own longest caption; features go back in input order.
-                parts, order = [], []
-                for rows in groups:
-                    idx = torch.tensor(rows, device=text.device)
-                    parts.append(self._encode_tokens(text[idx, : lengths[rows[-1]]], eot[idx]))
-                    order.extend(rows)
-                inverse = torch.empty(len(order), dtype=torch.long)
-                inverse[torch.tensor(order)] = torch.arange(len(order))
-                x = torch.cat(parts)[inverse.to(text.device)]
-        return F.normalize(x, dim=-1) if normalize else x
+        return lengths
+
+    def _encode_buckets(self, text: torch.Tensor, eot: torch.Tensor, lengths: list[int], buckets: int) -> torch.Tensor:
+        """Rows are independent in the text tower: each of the `buckets` groups of similar
+        lengths is cut to its own longest caption; features go back in input order. An
+        empty group (fewer rows than buckets) runs the longest row once more, so every
+        rank makes the same number of block calls; its output is dropped (zero gradient)."""
+        parts, position, offset = [], [0] * len(lengths), 0
+        longest = max(range(len(lengths)), key=lengths.__getitem__)
+        for rows in _length_buckets(lengths, buckets):
+            run = rows or [longest]
+            idx = torch.tensor(run, device=text.device)
+            parts.append(self._encode_tokens(text[idx, : max(lengths[r] for r in run)], eot[idx]))
+            for j, r in enumerate(rows):
+                position[r] = offset + j
+            offset += len(run)
+        return torch.cat(parts)[torch.tensor(position, device=text.device)]
 
     def _encode_tokens(self, text: torch.Tensor, eot: torch.Tensor) -> torch.Tensor:
         """(B, L) tokens with EOT positions (B,) -> projected EOT features (B, embed_dim)."""
@@ -546,17 +576,33 @@ class CLIP(nn.Module):
         return image_features, text_features, self.logit_scale.exp()
 
 
-def _length_buckets(lengths: list[int], max_buckets: int, min_rows: int) -> list[list[int]]:
-    """Row indices split into equal-count groups of increasing caption length, when that
-    cuts the padded token count (sum of rows x group max) by at least 10%; else one group."""
+def _length_buckets(lengths: list[int], buckets: int) -> list[list[int]]:
+    """Row indices in exactly `buckets` groups of increasing caption length, sizes differing
+    by at most one; groups are empty when there are fewer rows than buckets. The count never
+    depends on the data, so every rank runs the text blocks equally often."""
     n = len(lengths)
-    k = max(1, min(max_buckets, n // max(1, min_rows)))
-    if k == 1:
-        return [list(range(n))]
     order = sorted(range(n), key=lengths.__getitem__)
-    groups = [order[i * n // k : (i + 1) * n // k] for i in range(k)]
-    padded = sum(len(g) * lengths[g[-1]] for g in groups)
-    return groups if padded < 0.9 * n * max(lengths) else [list(range(n))]
+    return [order[i * n // buckets : (i + 1) * n // buckets] for i in range(buckets)]
+
+
+TEXT_LENGTH_MULTIPLE = 16
+
+
+def text_length_for(longest: int, width: int) -> int:
+    """The length a batch whose longest caption has `longest` tokens is cut to: rounded up
+    to a multiple of TEXT_LENGTH_MULTIPLE (few distinct shapes: torch.compile and CUDA
+    graphs reuse them), at most the batch's own width."""
+    return min(width, -(-max(1, longest) // TEXT_LENGTH_MULTIPLE) * TEXT_LENGTH_MULTIPLE)
+
+
+def trim_tokens(tokens: torch.Tensor) -> torch.Tensor:
+    """(B, L) token ids (EOT = the largest id of each row) cut to `text_length_for` their
+    longest caption: the positions after every row's EOT, which cannot change any text
+    feature. Meant for CPU tensors (the loader runs it before the transfer); a view."""
+    if tokens.dim() != 2 or tokens.shape[0] == 0:
+        raise ValueError(f"tokens must have shape (B, L) with B >= 1, got {tuple(tokens.shape)}")
+    longest = int(tokens.argmax(dim=-1).max()) + 1
+    return tokens[:, : text_length_for(longest, tokens.shape[1])]
 
 
 # ----------------------------------------------------------------------------- building and loading
