@@ -115,8 +115,15 @@ def _audited_steps(model, loss_fn, optimizer, seed: int) -> SyncAudit:
 # Host reads in CPU-only implementations owned elsewhere, which a GPU step does not run
 # (the Triton kernels replace them): the torch fallback of lse_stats tests its shared
 # shift range on the host, the torch path of AdamW counts non-finite gradients with
-# int(). They are allowed here by call site; anything else fails the tests.
-CPU_FALLBACK_SYNCS = (("clip_fast/loss.py", "_SHARED_SHIFT_RANGE"), ("clip_fast/optim.py", "int((~finite).sum())"))
+# int(), SigLIP's CPU tile paths (C++ and torch) pass scale and bias to the tile kernel and
+# scale/n to addmm_ as Python numbers. They are allowed here by call site; anything else
+# fails the tests.
+CPU_FALLBACK_SYNCS = (
+    ("clip_fast/loss.py", "_SHARED_SHIFT_RANGE"),
+    ("clip_fast/optim.py", "int((~finite).sum())"),
+    ("clip_fast/siglip.py", "float(scale) * inv_n"),
+    ("clip_fast/siglip.py", "float(scale), float(bias)"),
+)
 
 
 def _unexpected(audit: SyncAudit) -> list:
