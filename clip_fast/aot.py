@@ -2,7 +2,7 @@
 
 No GPU is needed: `triton.compile` lowers a kernel to PTX and a cubin for a chosen
 target (sm_80, sm_90), and the cubin's resource usage is read with the cuobjdump that
-ships inside triton. This is rung 4 of the verification ladder (DESIGN.md §7):
+ships inside triton. This is rung 4 of the verification ladder (docs/verification.md):
 
 - shared memory (`metadata.shared`) within the device's per-block limit,
 - no local memory and no stack frame (LOCAL:0 and STACK:0 in

@@ -1,5 +1,5 @@
 """Distributed ContrastiveLoss: each rank computes only its row block of the logits
-(DESIGN.md §3, "sharded similarities").
+("sharded similarities", as in Radford et al. 2021).
 
 Rank r holds b rows, B = W * b. With the text features gathered from all ranks
 (O(B*D); the image features never leave their rank), rank r works on S_r = s * I_r @ T.T + bias, a (b x B) block that is never stored:
