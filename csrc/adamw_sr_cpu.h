@@ -7,7 +7,9 @@
 // whatever the sizes of its tensors. Inside a chunk, blocks of kBlock elements are done
 // in two vectorisable passes: Philox fills kBlock (a, b) random words, then the update
 // loop reads params/grads/moments once and writes params/moments once (8 bytes read and
-// 6 written per element for bf16 weights, bf16 grads and bf16 moments).
+// 6 written per element for bf16 weights, bf16 grads and bf16 moments). That all-bf16
+// stochastic-rounding update has its own AVX2 loop (update_bf16_sr_avx2, bit-identical to
+// the generic one); every other storage combination uses the generic loop.
 //
 // Instruction sets: the hot loops are compiled for AVX-512, AVX2 and baseline x86-64
 // (GCC target attributes) and picked at run time, so one binary is fast everywhere and
@@ -108,6 +110,83 @@ __attribute__((target("avx2"))) void philox_words_avx2(uint64_t key, int64_t bas
   }
   philox_words(key, base + 2 * j, n - 2 * j, wa + 2 * j, wb + 2 * j);
 }
+// The all-bf16 stochastic-rounding update (bf16 weights, grads and moments: the common
+// case) written with AVX2 intrinsics, 16 elements per iteration. The same IEEE operations
+// in the same order as adamw_element + sr_bf16 (so bit-identical to them), minus what
+// GCC's own vectorisation of the generic loop spends on 32 -> 16-bit narrowing (a mask per
+// vector before vpackusdw, needless here: every rounded lane is already <= 0xFFFF).
+// Returns how many leading elements of [0, n) it did (a multiple of 16) and adds their
+// non-finite gradient count to *nonfinite.
+CF_AVX2 __m256i load_bf16x8(const uint16_t* x) {
+  return _mm256_slli_epi32(_mm256_cvtepu16_epi32(_mm_loadu_si128((const __m128i*)x)), 16);
+}
+
+CF_AVX2 __m256i sr_bf16x8(__m256 x, __m256i r16) {  // sr_bf16 on eight lanes
+  const __m256i u = _mm256_castps_si256(x);
+  const __m256i mag = _mm256_and_si256(u, _mm256_set1_epi32(0x7FFFFFFF));
+  __m256i t = _mm256_srli_epi32(_mm256_add_epi32(u, r16), 16);
+  const __m256i finite = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x7F800000), mag);
+  const __m256i at_inf =
+      _mm256_cmpeq_epi32(_mm256_and_si256(t, _mm256_set1_epi32(0x7FFF)), _mm256_set1_epi32(0x7F80));
+  t = _mm256_add_epi32(t, _mm256_and_si256(finite, at_inf));  // mask -1: one step back to max bf16
+  const __m256i is_nan = _mm256_cmpgt_epi32(mag, _mm256_set1_epi32(0x7F800000));
+  const __m256i quiet = _mm256_or_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(0x0040));
+  return _mm256_blendv_epi8(t, quiet, is_nan);
+}
+
+CF_AVX2 void store_bf16x16(uint16_t* y, __m256i lo, __m256i hi) {  // lanes hold values <= 0xFFFF
+  _mm256_storeu_si256((__m256i*)y, _mm256_permute4x64_epi64(_mm256_packus_epi32(lo, hi), 0xD8));
+}
+
+struct Bf16x8 {
+  __m256i p, m, r, finite;
+};
+
+CF_AVX2 Bf16x8 adamw_sr_bf16x8(const uint16_t* p, const uint16_t* g, const uint16_t* m, const uint16_t* r,
+                               const uint32_t* wa, const uint32_t* wb, const Hyper& h, const TensorScalars& s) {
+  const __m256i gbits = load_bf16x8(g);
+  const __m256 pv = _mm256_castsi256_ps(load_bf16x8(p)), gv = _mm256_castsi256_ps(gbits);
+  const __m256 mv = _mm256_castsi256_ps(load_bf16x8(m)), rv = _mm256_castsi256_ps(load_bf16x8(r));
+  const __m256i finite = _mm256_cmpgt_epi32(_mm256_set1_epi32(0x7F800000),
+                                            _mm256_and_si256(gbits, _mm256_set1_epi32(0x7FFFFFFF)));
+  const __m256 m1 = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(h.beta1), mv),
+                                  _mm256_mul_ps(_mm256_set1_ps(h.one_minus_beta1), gv));
+  const __m256 v1 = _mm256_add_ps(_mm256_mul_ps(_mm256_set1_ps(h.beta2), _mm256_mul_ps(rv, rv)),
+                                  _mm256_mul_ps(_mm256_set1_ps(h.one_minus_beta2), _mm256_mul_ps(gv, gv)));
+  const __m256 r1 = _mm256_sqrt_ps(v1);
+  const __m256 denom = _mm256_add_ps(_mm256_mul_ps(r1, _mm256_set1_ps(s.inv_sqrt_bc2)), _mm256_set1_ps(h.eps));
+  const __m256 p1 = _mm256_sub_ps(_mm256_mul_ps(pv, _mm256_set1_ps(h.decay)),
+                                  _mm256_mul_ps(_mm256_set1_ps(s.step_size), _mm256_div_ps(m1, denom)));
+  const __m256 keep = _mm256_castsi256_ps(finite);
+  const __m256i ra = _mm256_load_si256((const __m256i*)wa), rb = _mm256_load_si256((const __m256i*)wb);
+  const __m256i low16 = _mm256_set1_epi32(0xFFFF);
+  return {sr_bf16x8(_mm256_blendv_ps(pv, p1, keep), _mm256_and_si256(ra, low16)),
+          sr_bf16x8(_mm256_blendv_ps(mv, m1, keep), _mm256_srli_epi32(ra, 16)),
+          sr_bf16x8(_mm256_blendv_ps(rv, r1, keep), _mm256_and_si256(rb, low16)), finite};
+}
+
+// wa, wb: 32-byte aligned (the stack buffers of update_range).
+__attribute__((target("avx2"))) int64_t update_bf16_sr_avx2(uint16_t* p, const uint16_t* g, uint16_t* m, uint16_t* r,
+                                                            const uint32_t* wa, const uint32_t* wb, int64_t n,
+                                                            const Hyper& h, const TensorScalars& s,
+                                                            int64_t* nonfinite) {
+  __m256i finite_count = _mm256_setzero_si256();  // minus the finite lanes seen (masks are -1)
+  int64_t i = 0;
+  for (; i + 16 <= n; i += 16) {
+    const Bf16x8 lo = adamw_sr_bf16x8(p + i, g + i, m + i, r + i, wa + i, wb + i, h, s);
+    const Bf16x8 hi = adamw_sr_bf16x8(p + i + 8, g + i + 8, m + i + 8, r + i + 8, wa + i + 8, wb + i + 8, h, s);
+    store_bf16x16(p + i, lo.p, hi.p);
+    store_bf16x16(m + i, lo.m, hi.m);
+    store_bf16x16(r + i, lo.r, hi.r);
+    finite_count = _mm256_add_epi32(finite_count, _mm256_add_epi32(lo.finite, hi.finite));
+  }
+  alignas(32) int32_t lanes[8];
+  _mm256_store_si256((__m256i*)lanes, finite_count);
+  int64_t finite = 0;
+  for (int l = 0; l < 8; ++l) finite -= lanes[l];  // <= kBlock / 8 per lane: no int32 overflow
+  *nonfinite += i - finite;
+  return i;
+}
 #endif
 
 // Philox words with the vector code where the instruction set has it.
@@ -159,7 +238,12 @@ CF_HD int64_t update_range(const TensorArgs& a, const Hyper& h, int64_t begin, i
     const int64_t n = std::min(kBlock, end - base);
     if (a.rand != nullptr) explicit_words(a.rand, base, n, wa, wb);
     else if (SR) random_words_for<kAvx2>(a.key, base, n, wa, wb);
-    for (int64_t i = 0; i < n; ++i) {
+    int64_t i0 = 0;
+#if defined(__x86_64__) && defined(__GNUC__)
+    if constexpr (kAvx2 && SR && PK == kBF16 && GK == kBF16 && SK == kBF16)
+      i0 = update_bf16_sr_avx2(p + base, g + base, m + base, r + base, wa, wb, n, h, a.s, &nonfinite);
+#endif
+    for (int64_t i = i0; i < n; ++i) {
       const int64_t e = base + i;
       float pi = load_as_f32<PK>(p[e]);
       float mi = load_as_f32<SK>(m[e]);

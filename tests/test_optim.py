@@ -222,6 +222,39 @@ def test_cpp_and_torch_updates_agree_bit_for_bit(ext, pd, gd, sd, stochastic):
         assert maxima == [a for _, a in ref_out]
 
 
+@pytest.mark.parametrize("use_explicit_bits", [True, False], ids=["explicit", "philox"])
+def test_cpp_and_torch_bf16_updates_agree_on_special_and_saturating_values(ext, use_explicit_bits):
+    """All-bf16 SR step (the hand-vectorised CPU path): +-0, +-inf, NaN weights and moments,
+    and weights pushed past the largest bf16 (decay > 1) that must saturate, not become inf."""
+    n = 16 * 40 + 11  # whole 16-element vectors and a scalar tail
+    p, g, m, r = _update_inputs(torch.bfloat16, torch.bfloat16, torch.bfloat16, n, 5)
+    specials = torch.tensor([0.0, -0.0, math.inf, -math.inf, math.nan, -math.nan, BF16_MAX, -BF16_MAX])
+    p[: specials.numel()] = specials.bfloat16()
+    p[100:300] = (torch.linspace(-1.0, 1.0, 200).sign() * torch.linspace(3.2e38, BF16_MAX, 200)).bfloat16()
+    m[40:48] = specials.bfloat16()
+    r[60:64] = torch.tensor([0.0, math.inf, math.nan, 1e30]).bfloat16()
+    hyper = O.Hyper(0.9, 0.98, 1e-3, -2.0, 1e-6)  # decay 1.002: |p| up to 3.3963e38 > max bf16, < max fp32
+    ts = O.TensorScalars(1e-3, 0.9, 0.98, 3)
+    key = O.stream_key(5, 0, 3)
+    if use_explicit_bits:
+        words = torch.randint(-(2**31), 2**31 - 1, (n, 2), dtype=torch.int32, generator=torch.Generator().manual_seed(2))
+        words[100:300, 0] |= 0xFFFF  # largest carries into the inf exponent
+    else:
+        words = O.random_words(key, n)
+    ref = [t.clone() for t in (p, g, m, r)]
+    ref_count, _ = O.torch_adamw_update(*ref, words, hyper, ts, True)
+    got = [t.clone() for t in (p, g, m, r)]
+    counts, _ = ext.adamw_step(
+        [got[0]], [got[1]], [got[2]], [got[3]], [words] if use_explicit_bits else [], [key], [ts.step_size],
+        [ts.inv_sqrt_bc2], [ts.decode_scale], [ts.encode_scale], *hyper.args(), True,
+    )  # fmt: skip
+    for j in (0, 2, 3):
+        assert torch.equal(ref[j].view(torch.uint8), got[j].view(torch.uint8)), j
+    assert counts == [ref_count] == [2]
+    assert not bool(torch.isinf(got[0][100:300].float()).any()), "finite weights must saturate, not overflow"
+    assert bool((got[0][100:300].float().abs() == BF16_MAX).any())
+
+
 def test_update_matches_fp64_adamw_formula():
     """The torch path (hence all paths) is AdamW: compare one step against fp64 math."""
     n = 10_000
