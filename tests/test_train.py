@@ -382,3 +382,57 @@ def test_open_clip_readme_command_on_csv(demo, tokenizer_file, tmp_path):
     run = tmp_path / "oc"
     assert out["step"] == len(rows) // 8 and (run / "checkpoints" / "epoch_1.pt").is_file()
     assert list((run / "tensorboard").glob("events.out.tfevents.*")) and (run / "out.log").is_file()
+
+
+# ----------------------------------------------------------------------------- multi-rank faults
+
+
+def _full_disk_worker(rank: int, world: int, port: int, argv: list[str], out_dir: str) -> None:
+    """Rank 0's checkpoint writes fail with ENOSPC; each rank records main()'s exit code and
+    its stderr line."""
+    import contextlib
+    import errno
+    import io
+
+    from clip_fast.train import checkpoint as ckpt_io
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    if rank == 0:
+        real_save = torch.save
+
+        def full_disk(obj, f, *args, **kwargs):  # files fail; in-memory saves (pickling) work
+            if isinstance(f, (str, os.PathLike)):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_save(obj, f, *args, **kwargs)
+        ckpt_io.torch.save = full_disk
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = T.main(argv)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"code": code, "err": err.getvalue()}))
+
+
+def test_checkpoint_failure_on_rank0_stops_every_rank(demo, tokenizer_file, tmp_path):
+    """2 gloo ranks, rank 0's disk is full: both ranks exit 1 with rank 0's one-line error
+    within the test's deadline (before the fix, rank 1 waited at a barrier for 30 minutes)."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    argv = _dist_argv(demo, tokenizer_file, tmp_path, "full2", "--max-steps", "1")
+    ctx = mp.start_processes(_full_disk_worker, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.time() + 300
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("a rank hung after rank 0's checkpoint write failed")
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in results:
+        assert r["code"] == 1
+        lines = [x for x in r["err"].splitlines() if x.startswith("clip_fast.train:")]  # not library warnings
+        assert "Traceback" not in r["err"] and len(lines) == 1 and "No space left on device" in lines[0] and "step_1.pt" in lines[0], r["err"]
+    assert not list((tmp_path / "full2" / "checkpoints").glob("*.pt"))

@@ -129,13 +129,33 @@ def log_interval(run: Run, state: TrainState) -> None:
 
 def save_checkpoint(run: Run, state: TrainState, name: str) -> Path | None:
     """Write checkpoints/<name>.pt (FSDP2: plus this rank's optimizer shard), then
-    epoch_latest.pt / pruning as the flags ask. A non-finite model is never saved."""
+    epoch_latest.pt / pruning as the flags ask. A non-finite model is never saved. With
+    several ranks the outcome is exchanged after the writes: when any rank's write failed,
+    every rank raises the same CheckpointError (rather than waiting at a barrier for the
+    process-group timeout)."""
     if run.checkpoint_dir is None:
         return None
     if not weights_finite(run.raw, run.env.world_size):
         raise TrainingDiverged(f"step {state.step}: the weights are not finite; checkpoint {name}.pt not written")
     content = checkpoint_state(run, state.step, state.epoch)
     path = run.checkpoint_dir / f"{name}.pt"
+    error = None
+    try:
+        _write_checkpoint(run, content, path, name)
+    except ckpt_io.CheckpointError as e:
+        error = str(e)
+    if run.env.world_size > 1:  # also the barrier: every rank learns whether any write failed
+        errors: list[str | None] = [None] * run.env.world_size
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise ckpt_io.CheckpointError(error)
+    state.last_checkpoint = path
+    return path
+
+
+def _write_checkpoint(run: Run, content: dict, path: Path, name: str) -> None:
+    """This rank's files of checkpoint `path` (CheckpointError when one cannot be written)."""
     if run.fsdp:
         ckpt_io.atomic_save(run.optimizer.state_dict(), ckpt_io.optimizer_shard_path(path, run.env.rank))
     if run.env.is_main:
@@ -144,10 +164,6 @@ def save_checkpoint(run: Run, state: TrainState, name: str) -> Path | None:
             ckpt_io.atomic_save(content, path.with_name("epoch_latest.pt"))
         if run.args.delete_previous_checkpoint:
             ckpt_io.prune_previous(run.checkpoint_dir, path)
-    if run.env.world_size > 1:
-        dist.barrier()
-    state.last_checkpoint = path
-    return path
 
 
 def run_zeroshot(run: Run, state: TrainState) -> None:
