@@ -436,3 +436,29 @@ def test_checkpoint_failure_on_rank0_stops_every_rank(demo, tokenizer_file, tmp_
         lines = [x for x in r["err"].splitlines() if x.startswith("clip_fast.train:")]  # not library warnings
         assert "Traceback" not in r["err"] and len(lines) == 1 and "No space left on device" in lines[0] and "step_1.pt" in lines[0], r["err"]
     assert not list((tmp_path / "full2" / "checkpoints").glob("*.pt"))
+
+
+# ----------------------------------------------------------------------------- --dataset-resampled
+
+
+def test_dataset_resampled_epoch_length_and_exact_resume(demo, tokenizer_file, tmp_path, capsys):
+    """--train-num-samples 160 on 96 samples with --dataset-resampled: 10 steps of 16 per
+    epoch (longer than the data); 12 steps straight == 6 + resume + 6, bit for bit, across
+    the epoch boundary. Resampling a csv file is one line."""
+    common = ("--dataset-resampled", "--train-num-samples", "160", "--epochs", "2", "--tokenizer", tokenizer_file,
+              "--val-frequency", "0", "--zeroshot-frequency", "0")
+    straight = T.train(_argv(demo, tmp_path, "straight", "--max-steps", "12", *common))
+    T.train(_argv(demo, tmp_path, "split", "--max-steps", "6", *common))
+    resumed = T.train(_argv(demo, tmp_path, "split", "--max-steps", "12", "--resume", "latest", *common))
+    assert straight["step"] == resumed["step"] == 12 and straight["epoch"] == resumed["epoch"] == 1
+    recs = [json.loads(x) for x in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs] == [0] * 10 + [1] * 2  # 160 // 16 steps per epoch
+    a, b = straight["model"].state_dict(), resumed["model"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("filepath\ttitle\nx.png\ta cat\n")
+    argv = _argv(demo, tmp_path, "csv", "--dataset-resampled", "--tokenizer", tokenizer_file)
+    argv[argv.index("--train-data") + 1] = str(csv)
+    assert T.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--dataset-resampled" in err and len(err.splitlines()) == 1
