@@ -59,3 +59,25 @@ def test_overflow_at_scale_at_most_one_is_counted(scale, expected):
                                                   (math.nan, 2.0, True), (math.inf, math.inf, True)])
 def test_without_gradscaler_loss_or_gradient(loss, norm, expected):
     assert bool(counts_as_nonfinite(torch.tensor(loss), torch.tensor(norm), None)) is expected
+
+
+@pytest.mark.parametrize("clip", [None, 0.05, 1e6])
+def test_clip_factor_uses_the_norm_over_all_parameters(clip):
+    """loop._grad_multiplier (one process): factor = min(1, clip / (||g|| + 1e-6)) with ||g||
+    the fp64 norm over every gradient of the model, applied once; NaN for a NaN loss."""
+    from types import SimpleNamespace
+
+    from clip_fast.train.loop import _grad_multiplier
+
+    torch.manual_seed(1)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.Linear(4, 3))
+    loss = model(torch.randn(6, 5)).pow(2).sum()
+    loss.backward()
+    run = SimpleNamespace(raw=model, env=SimpleNamespace(world_size=1), args=SimpleNamespace(grad_clip_norm=clip))
+    factor, norm = _grad_multiplier(run, loss)
+    ref = math.sqrt(sum(float(p.grad.double().pow(2).sum()) for p in model.parameters()))
+    assert abs(float(norm) - ref) <= 8 * torch.finfo(torch.float32).eps * ref
+    expected = 1.0 if clip is None else min(1.0, clip / (ref + 1e-6))
+    assert abs(float(factor) - expected) <= 8 * torch.finfo(torch.float32).eps * expected
+    nan_factor, _ = _grad_multiplier(run, torch.tensor(math.nan))
+    assert math.isnan(float(nan_factor))
