@@ -1,6 +1,7 @@
 """Shard loaders: exact epochs across rank splits, DALI CPU vs PIL agreement, skipping of
 corrupt samples, determinism, bad input. Both backends read the same hand-made shards."""
 import io
+import math
 import tarfile
 from collections import Counter
 
@@ -381,3 +382,76 @@ def test_gpu_mixed_decode_matches_pil_eval(clean_shards):
 
     err = (eval_images("dali", "cuda") - eval_images("torch", "cpu")).abs() * torch.tensor(CLIP_STD).view(1, 3, 1, 1) * 255
     assert err.mean() < 1.0 and err.mean((1, 2, 3)).max() < 2.0
+
+
+# ------------------------------------------------------------------- resampled epochs
+@pytest.fixture(scope="module")
+def equal_shards(tmp_path_factory):
+    """4 shards of 10 samples each (ids 10 s .. 10 s + 9 in shard s)."""
+    out = tmp_path_factory.mktemp("equal")
+    rng = np.random.default_rng(5)
+    with ShardWriter(out, shard_size=10) as w:
+        for i in range(40):
+            w.write(jpeg(smooth_image(rng, 40, 48)), f"sample {i}")
+    return sorted(str(p) for p in out.glob("*.tar"))
+
+
+def _resampled(shards, rank, world_size, samples, batch_size=10, seed=7):
+    return build_loader(shards, batch_size=batch_size, image_size=32, tokenize=caption_id_tokenize, train=True,
+                        backend="torch", rank=rank, world_size=world_size, num_workers=0, seed=seed,
+                        resampled_samples=samples)
+
+
+def _shard_multiset(ids):
+    """ids -> Counter of shard numbers, asserting the ids are whole shards of 10."""
+    per_sample = Counter(ids)
+    shards = Counter()
+    for s in {i // 10 for i in ids}:
+        counts = {per_sample[10 * s + k] for k in range(10)}
+        assert len(counts) == 1, f"shard {s} only partly drawn: {counts}"
+        shards[s] = counts.pop()
+    return shards
+
+
+@pytest.mark.parametrize("world_size", [1, 2])
+def test_resampled_epoch_is_whole_shards_with_replacement(equal_shards, world_size):
+    """M = 60 samples per epoch on 40 samples of data: each rank reads 60 / W samples made
+    of whole shards, the epoch is longer than the data, and the plan is a function of
+    (seed, epoch, rank) only (a rebuilt loader replays it: exact resume)."""
+    per_rank = 60 // world_size
+    for epoch in (0, 1):
+        for rank in range(world_size):
+            loader = _resampled(equal_shards, rank, world_size, 60)
+            loader.set_epoch(epoch)
+            ids, sizes = epoch_ids(loader)
+            assert len(loader) == per_rank // 10 and sizes == [10] * len(loader)
+            assert sum(_shard_multiset(ids).values()) == per_rank // 10
+            again = _resampled(equal_shards, rank, world_size, 60)
+            again.set_epoch(epoch)
+            assert epoch_ids(again)[0] == ids
+    plans = {(e, r): _resampled(equal_shards, r, 2, 60)._resampled_indices(e, list(range(4)), 30).tolist()
+             for e in (0, 1) for r in (0, 1)}
+    assert len({tuple(p) for p in plans.values()}) == 4, "epochs and ranks draw different plans"
+
+
+def test_resampled_shards_are_uniform_and_repeat(equal_shards):
+    """Over 400 epochs of 3 shard draws each: every shard is drawn 300 +- 5 sd times
+    (binomial(1200, 1/4): sd = 15), and some epoch draws a shard twice (with replacement:
+    P(3 distinct of 4) = 24/64 per epoch)."""
+    loader = _resampled(equal_shards, 0, 1, 30)
+    totals, repeats = Counter(), 0
+    for epoch in range(400):
+        shards = _shard_multiset([i for i in loader._resampled_indices(epoch, list(range(4)), 30).tolist()])
+        totals.update(shards)
+        repeats += max(shards.values()) > 1
+    sd = math.sqrt(1200 * 0.25 * 0.75)
+    assert all(abs(totals[s] - 300) < 5 * sd for s in range(4)), totals
+    assert repeats > 0
+
+
+def test_resampled_bad_input(equal_shards):
+    with pytest.raises(ValueError, match="resampled_samples"):
+        _resampled(equal_shards, 0, 2, 15)  # 7 samples per rank < one batch of 10
+    with pytest.raises(ValueError, match="resampled_samples needs backend"):
+        build_loader(equal_shards, batch_size=10, image_size=32, tokenize=caption_id_tokenize, backend="dali",
+                     num_workers=0, resampled_samples=40)

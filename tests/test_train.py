@@ -382,3 +382,83 @@ def test_open_clip_readme_command_on_csv(demo, tokenizer_file, tmp_path):
     run = tmp_path / "oc"
     assert out["step"] == len(rows) // 8 and (run / "checkpoints" / "epoch_1.pt").is_file()
     assert list((run / "tensorboard").glob("events.out.tfevents.*")) and (run / "out.log").is_file()
+
+
+# ----------------------------------------------------------------------------- multi-rank faults
+
+
+def _full_disk_worker(rank: int, world: int, port: int, argv: list[str], out_dir: str) -> None:
+    """Rank 0's checkpoint writes fail with ENOSPC; each rank records main()'s exit code and
+    its stderr line."""
+    import contextlib
+    import errno
+    import io
+
+    from clip_fast.train import checkpoint as ckpt_io
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(world),
+                      LOCAL_RANK=str(rank))
+    torch.set_num_threads(1)
+    if rank == 0:
+        real_save = torch.save
+
+        def full_disk(obj, f, *args, **kwargs):  # files fail; in-memory saves (pickling) work
+            if isinstance(f, (str, os.PathLike)):
+                raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+            return real_save(obj, f, *args, **kwargs)
+        ckpt_io.torch.save = full_disk
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = T.main(argv)
+    Path(out_dir, f"rank{rank}.json").write_text(json.dumps({"code": code, "err": err.getvalue()}))
+
+
+def test_checkpoint_failure_on_rank0_stops_every_rank(demo, tokenizer_file, tmp_path):
+    """2 gloo ranks, rank 0's disk is full: both ranks exit 1 with rank 0's one-line error
+    within the test's deadline (before the fix, rank 1 waited at a barrier for 30 minutes)."""
+    import time
+
+    import torch.multiprocessing as mp
+
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    argv = _dist_argv(demo, tokenizer_file, tmp_path, "full2", "--max-steps", "1")
+    ctx = mp.start_processes(_full_disk_worker, args=(2, _free_port(), argv, str(tmp_path)), nprocs=2, join=False,
+                             start_method="spawn")
+    deadline = time.time() + 300
+    while not ctx.join(timeout=5):
+        if time.time() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail("a rank hung after rank 0's checkpoint write failed")
+    results = [json.loads((tmp_path / f"rank{r}.json").read_text()) for r in range(2)]
+    for r in results:
+        assert r["code"] == 1
+        lines = [x for x in r["err"].splitlines() if x.startswith("clip_fast.train:")]  # not library warnings
+        assert "Traceback" not in r["err"] and len(lines) == 1 and "No space left on device" in lines[0] and "step_1.pt" in lines[0], r["err"]
+    assert not list((tmp_path / "full2" / "checkpoints").glob("*.pt"))
+
+
+# ----------------------------------------------------------------------------- --dataset-resampled
+
+
+def test_dataset_resampled_epoch_length_and_exact_resume(demo, tokenizer_file, tmp_path, capsys):
+    """--train-num-samples 160 on 96 samples with --dataset-resampled: 10 steps of 16 per
+    epoch (longer than the data); 12 steps straight == 6 + resume + 6, bit for bit, across
+    the epoch boundary. Resampling a csv file is one line."""
+    common = ("--dataset-resampled", "--train-num-samples", "160", "--epochs", "2", "--tokenizer", tokenizer_file,
+              "--val-frequency", "0", "--zeroshot-frequency", "0")
+    straight = T.train(_argv(demo, tmp_path, "straight", "--max-steps", "12", *common))
+    T.train(_argv(demo, tmp_path, "split", "--max-steps", "6", *common))
+    resumed = T.train(_argv(demo, tmp_path, "split", "--max-steps", "12", "--resume", "latest", *common))
+    assert straight["step"] == resumed["step"] == 12 and straight["epoch"] == resumed["epoch"] == 1
+    recs = [json.loads(x) for x in (tmp_path / "straight" / "log.jsonl").read_text().splitlines()]
+    assert [r["epoch"] for r in recs] == [0] * 10 + [1] * 2  # 160 // 16 steps per epoch
+    a, b = straight["model"].state_dict(), resumed["model"].state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
+    csv = tmp_path / "pairs.csv"
+    csv.write_text("filepath\ttitle\nx.png\ta cat\n")
+    argv = _argv(demo, tmp_path, "csv", "--dataset-resampled", "--tokenizer", tokenizer_file)
+    argv[argv.index("--train-data") + 1] = str(csv)
+    assert T.main(argv) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--dataset-resampled" in err and len(err.splitlines()) == 1

@@ -20,6 +20,13 @@ Both backends follow the same sample plan, from the same shard indexes (see shar
 With `drop_last` (the default for training) every rank yields floor(floor(N / W) / B)
 full batches: equal counts on every rank, which collective losses need.
 
+Resampled epochs (`resampled_samples=M`, open_clip's --dataset-resampled; torch backend
+only): each rank draws whole shards uniformly *with replacement* from a generator seeded
+by (seed, epoch, rank) until it holds M // W samples, permutes them and keeps the first
+M // W. An epoch is then M samples whatever the data size, a shard may be read several
+times or not at all, and the plan is a pure function of (seed, epoch, rank): a resumed
+run replays it exactly.
+
 Tokens: the batch is tokenised off the training thread (DataLoader workers; a background
 thread for DALI), cut on the CPU to its longest caption rounded up to a multiple of 16
 (`prepare_tokens`: the text tower then reads no token value on the host), pinned when
@@ -334,8 +341,10 @@ class ShardLoader:
 
     def __init__(self, shards: list[ShardIndex], batch_size: int, image_size: int, tokenize: Callable,
                  train: bool, rank: int, world_size: int, device: torch.device, dtype: torch.dtype,
-                 num_workers: int, seed: int, drop_last: bool, shuffle_buffer: int) -> None:
+                 num_workers: int, seed: int, drop_last: bool, shuffle_buffer: int, *,
+                 resampled_samples: int | None = None) -> None:
         self.shards = shards
+        self.resampled_samples = resampled_samples  # samples per epoch (all ranks), drawn with replacement
         self.batch_size, self.image_size, self.tokenize, self.train = batch_size, image_size, tokenize, train
         self.rank, self.world_size, self.device, self.dtype = rank, world_size, device, dtype
         self.num_workers, self.seed, self.drop_last, self.shuffle_buffer = num_workers, seed, drop_last, shuffle_buffer
@@ -368,11 +377,30 @@ class ShardLoader:
         if self.train:
             np.random.default_rng([self.seed, epoch]).shuffle(order)
         order = [i for i in order if len(self.shards[i])]  # DALI rejects empty indexes
+        if self.resampled_samples is not None:
+            return order, 0, self.resampled_samples // self.world_size
         n, w, r = self.num_samples, self.world_size, self.rank
         start, stop = r * n // w, (r + 1) * n // w
         return order, start, stop - start
 
+    def _resampled_indices(self, epoch: int, order: list[int], count: int) -> np.ndarray:
+        """This rank's `count` sample positions (into the shards listed by `order`) for a
+        resampled epoch: whole shards drawn uniformly with replacement, then permuted."""
+        rng = np.random.default_rng([self.seed, epoch, self.rank, 3])
+        sizes = np.array([len(self.shards[i]) for i in order], dtype=np.int64)
+        starts = np.concatenate([[0], np.cumsum(sizes)[:-1]])
+        drawn: list[np.ndarray] = []
+        held = 0
+        while held < count:
+            j = int(rng.integers(len(order)))
+            drawn.append(np.arange(starts[j], starts[j] + sizes[j]))
+            held += int(sizes[j])
+        positions = np.concatenate(drawn) if drawn else np.zeros(0, dtype=np.int64)
+        return rng.permutation(positions)[:count]
+
     def __len__(self) -> int:
+        if self.resampled_samples is not None:
+            return (self.resampled_samples // self.world_size) // self.batch_size
         if self.drop_last:  # the same on every rank: the smallest slice is floor(N / W)
             return (self.num_samples // self.world_size) // self.batch_size
         return -(-self._plan(self.epoch)[2] // self.batch_size)
@@ -390,9 +418,12 @@ class ShardLoader:
         order, start, count = self._plan(epoch)
         dataset = _ShardDataset([self.shards[i] for i in order], self.image_size, self.train, self.seed)
         dataset.epoch = epoch
-        indices = np.arange(start, start + count)
-        if self.train:
-            np.random.default_rng([self.seed, epoch, self.rank, 1]).shuffle(indices)
+        if self.resampled_samples is not None:
+            indices = self._resampled_indices(epoch, order, count)
+        else:
+            indices = np.arange(start, start + count)
+            if self.train:
+                np.random.default_rng([self.seed, epoch, self.rank, 1]).shuffle(indices)
         batches = [indices[i : i + self.batch_size].tolist() for i in range(0, count, self.batch_size)][: len(self)]
         return dataset, batches
 
@@ -747,6 +778,7 @@ def build_loader(
     shuffle_buffer: int = 1024,
     verify_images: bool | None = None,
     dali_options: DaliOptions | None = None,
+    resampled_samples: int | None = None,
 ) -> ShardLoader:
     """Build a loader over webdataset shards (see the module docstring for the semantics).
 
@@ -763,6 +795,9 @@ def build_loader(
             whole slice of the epoch.
         verify_images: see `shards.load_shard_index`.
         dali_options: decoder settings of the DALI backend (`DaliOptions`).
+        resampled_samples: M = samples per epoch over all ranks, drawn by whole shards with
+            replacement (see the module docstring); None: every sample once per epoch.
+            Needs the torch backend ("auto" picks it).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -784,15 +819,21 @@ def build_loader(
         log.warning("clip_fast.data: skipped %d sample(s) in %d shard(s): %s", sum(skipped.values()), len(paths), dict(skipped))
     if total == 0:
         raise ValueError(f"no readable samples in {len(paths)} shard(s) (skipped: {dict(skipped)})")
-    if drop_last and (total // world_size) // batch_size == 0:
+    if resampled_samples is not None:
+        if not isinstance(resampled_samples, int) or resampled_samples // world_size < batch_size:
+            raise ValueError(f"resampled_samples must be an int >= batch_size * world_size = "
+                             f"{batch_size * world_size}, got {resampled_samples!r}")
+        if backend == "dali":
+            raise ValueError("resampled_samples needs backend 'torch' or 'auto' (DALI's reader samples without replacement)")
+    elif drop_last and (total // world_size) // batch_size == 0:
         raise ValueError(
             f"batch_size={batch_size} is larger than this rank's share of the data "
             f"({total // world_size} samples = {total} / world_size {world_size}) with drop_last=True"
         )
 
     args = (indexes, batch_size, image_size, tokenize, train, rank, world_size, device, dtype, num_workers, seed, drop_last, shuffle_buffer)
-    if backend == "torch":
-        return TorchShardLoader(*args)
+    if backend == "torch" or resampled_samples is not None:
+        return TorchShardLoader(*args, resampled_samples=resampled_samples)
     if backend == "dali":
         if not dali_available():
             raise RuntimeError("backend='dali' but nvidia-dali is not installed (pip install nvidia-dali-cuda120)")

@@ -33,8 +33,6 @@ LR_SCHEDULERS = ("cosine", "const", "const-cooldown")
 # as open_clip declares it). Giving the flag with open_clip's default value is accepted.
 REJECTED: dict[str, tuple[str, dict[str, Any]]] = {
     "--train-data-upsampling-factors": ("per-source upsampling is not supported", {}),
-    "--dataset-resampled": ("not supported: every epoch is a shuffled pass without replacement",
-                            {"action": "store_true"}),
     "--pretrained-image": ("needs timm weights from the network; pass --pretrained FILE",
                            {"action": "store_true"}),
     "--image-mean": ("not supported: images are normalised with OpenAI CLIP's mean/std", {"nargs": "+", "type": float}),
@@ -99,8 +97,12 @@ def _data_flags(a) -> None:
     a.add_argument("--train-data", help="shards: files, globs, {a..b} braces, '::'-joined, a make_shards "
                                         "folder, or a csv file with --dataset-type csv (default: the demo)")
     a.add_argument("--val-data", help="validation data, same forms as --train-data")
-    a.add_argument("--train-num-samples", type=int, help="samples per epoch (at most the dataset's)")
+    a.add_argument("--train-num-samples", type=int, help="samples per epoch (at most the dataset's, any number "
+                                                         "with --dataset-resampled)")
     a.add_argument("--val-num-samples", type=int, help="validate on at most this many samples")
+    a.add_argument("--dataset-resampled", action="store_true",
+                   help="webdataset shards drawn with replacement per rank and epoch; an epoch is "
+                        "--train-num-samples samples (default: the dataset's size); torch data backend")
     a.add_argument("--dataset-type", default="auto", choices=("webdataset", "csv", "synthetic", "auto"))
     a.add_argument("--csv-separator", default="\t")
     a.add_argument("--csv-img-key", default="filepath")

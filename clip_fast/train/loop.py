@@ -5,7 +5,8 @@ text lengths are summed on the device and read once per logging interval. A step
 loss or gradient norm is not finite is skipped without a sync: its gradients are
 multiplied by NaN, which clip_fast's AdamW treats as "leave parameter and moments
 unchanged" (GradScaler skips the step itself under --precision amp). After
---max-nonfinite-steps such steps the run stops (TrainingDiverged, non-zero exit).
+--max-nonfinite-steps counted steps the run stops (TrainingDiverged, non-zero exit);
+`counts_as_nonfinite` says which skipped steps count (not GradScaler's overflow skips).
 """
 from __future__ import annotations
 
@@ -44,9 +45,10 @@ class TrainState:
     meter: StepMeter = field(default_factory=StepMeter)
 
 
-def _grad_multiplier(run: Run, loss: torch.Tensor) -> torch.Tensor:
-    """Device scalar that every gradient is multiplied by: the --grad-clip-norm factor
-    (1 without), NaN when the loss or the gradient norm is not finite (the step is skipped)."""
+def _grad_multiplier(run: Run, loss: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(device scalar that every gradient is multiplied by, the global gradient norm): the
+    --grad-clip-norm factor (1 without), NaN when the loss or the gradient norm is not
+    finite (the step is skipped)."""
     grads = [p.grad for p in run.raw.parameters() if p.grad is not None]
     local = [g.to_local() if hasattr(g, "to_local") else g for g in grads]
     sharded = [g for g, raw in zip(local, grads) if raw is not g]
@@ -60,7 +62,23 @@ def _grad_multiplier(run: Run, loss: torch.Tensor) -> torch.Tensor:
     finite = torch.isfinite(norm) & torch.isfinite(loss.detach())
     clip = run.args.grad_clip_norm
     factor = (clip / (norm + 1e-6)).clamp(max=1.0) if clip else torch.ones_like(norm)
-    return torch.where(finite, factor, torch.full_like(norm, float("nan")))
+    return torch.where(finite, factor, torch.full_like(norm, float("nan"))), norm
+
+
+def counts_as_nonfinite(loss: torch.Tensor, grad_norm: torch.Tensor, loss_scale: torch.Tensor | None) -> torch.Tensor:
+    """Whether a step counts toward --max-nonfinite-steps (a device bool, no sync).
+
+    Counted: a non-finite loss, always; a non-finite gradient norm without GradScaler.
+    Under GradScaler (--precision amp) a finite loss with non-finite unscaled gradients is
+    an overflow of the scaled fp16 gradients: GradScaler skips the step and halves the
+    scale, which is normal loss scaling and is not counted -- unless the scale that step
+    ran with was already <= 1, where the gradients were not amplified and the overflow is
+    the model's own."""
+    bad_loss = ~torch.isfinite(loss.detach().float())
+    bad_grad = ~torch.isfinite(grad_norm)
+    if loss_scale is not None:
+        bad_grad = bad_grad & (loss_scale.reshape(()) <= 1.0)
+    return bad_loss | bad_grad
 
 
 def train_step(run: Run, state: TrainState, images: torch.Tensor, tokens: torch.Tensor) -> None:
@@ -74,7 +92,10 @@ def train_step(run: Run, state: TrainState, images: torch.Tensor, tokens: torch.
     run.scaler.scale(loss).backward()
     if run.scaler.is_enabled():
         run.scaler.unscale_(run.optimizer)
-    factor = _grad_multiplier(run, loss)
+    factor, grad_norm = _grad_multiplier(run, loss)
+    # GradScaler's current scale as a device tensor (get_scale() would sync the host).
+    loss_scale = run.scaler._scale if run.scaler.is_enabled() else None
+    counted = counts_as_nonfinite(loss, grad_norm, loss_scale)
     grads = [p.grad for p in run.raw.parameters() if p.grad is not None]
     torch._foreach_mul_([g.to_local() if hasattr(g, "to_local") else g for g in grads], factor)
     if run.scaler.is_enabled():
@@ -86,7 +107,7 @@ def train_step(run: Run, state: TrainState, images: torch.Tensor, tokens: torch.
         scale = run.raw.logit_scale
         (scale.to_local() if hasattr(scale, "to_local") else scale).clamp_(0, LOGIT_SCALE_MAX)
         length = tokens.argmax(-1).max() + 1  # the trimmed length the text tower ran (no sync)
-        step_sums = torch.stack([loss.detach().float(), (~torch.isfinite(factor)).float(), length.float()])
+        step_sums = torch.stack([loss.detach().float(), counted.float(), length.float()])
         state.sums = step_sums if state.sums is None else torch.cat([step_sums[:1], state.sums[1:] + step_sums[1:]])
     state.step += 1
 
@@ -129,13 +150,33 @@ def log_interval(run: Run, state: TrainState) -> None:
 
 def save_checkpoint(run: Run, state: TrainState, name: str) -> Path | None:
     """Write checkpoints/<name>.pt (FSDP2: plus this rank's optimizer shard), then
-    epoch_latest.pt / pruning as the flags ask. A non-finite model is never saved."""
+    epoch_latest.pt / pruning as the flags ask. A non-finite model is never saved. With
+    several ranks the outcome is exchanged after the writes: when any rank's write failed,
+    every rank raises the same CheckpointError (rather than waiting at a barrier for the
+    process-group timeout)."""
     if run.checkpoint_dir is None:
         return None
     if not weights_finite(run.raw, run.env.world_size):
         raise TrainingDiverged(f"step {state.step}: the weights are not finite; checkpoint {name}.pt not written")
     content = checkpoint_state(run, state.step, state.epoch)
     path = run.checkpoint_dir / f"{name}.pt"
+    error = None
+    try:
+        _write_checkpoint(run, content, path, name)
+    except ckpt_io.CheckpointError as e:
+        error = str(e)
+    if run.env.world_size > 1:  # also the barrier: every rank learns whether any write failed
+        errors: list[str | None] = [None] * run.env.world_size
+        dist.all_gather_object(errors, error)
+        error = next((e for e in errors if e is not None), None)
+    if error is not None:
+        raise ckpt_io.CheckpointError(error)
+    state.last_checkpoint = path
+    return path
+
+
+def _write_checkpoint(run: Run, content: dict, path: Path, name: str) -> None:
+    """This rank's files of checkpoint `path` (CheckpointError when one cannot be written)."""
     if run.fsdp:
         ckpt_io.atomic_save(run.optimizer.state_dict(), ckpt_io.optimizer_shard_path(path, run.env.rank))
     if run.env.is_main:
@@ -144,10 +185,6 @@ def save_checkpoint(run: Run, state: TrainState, name: str) -> Path | None:
             ckpt_io.atomic_save(content, path.with_name("epoch_latest.pt"))
         if run.args.delete_previous_checkpoint:
             ckpt_io.prune_previous(run.checkpoint_dir, path)
-    if run.env.world_size > 1:
-        dist.barrier()
-    state.last_checkpoint = path
-    return path
 
 
 def run_zeroshot(run: Run, state: TrainState) -> None:

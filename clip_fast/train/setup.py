@@ -163,6 +163,13 @@ def build_data_loader(paths: list[str], opts: LoaderOptions, args: argparse.Name
                   dtype=opts.dtype, num_workers=opts.workers, seed=opts.seed)
     if not train:
         common["drop_last"] = opts.world_size > 1  # equal batch counts: collectives line up
+    if train and args.dataset_resampled:
+        if csv:
+            raise ConfigError("--dataset-resampled: needs webdataset shards (--dataset-type webdataset), not a csv file")
+        if opts.backend == "dali":
+            raise ConfigError("--dataset-resampled: needs --data-backend torch or auto (DALI's reader samples "
+                              "without replacement)")
+        return _build_resampled_loader(paths, opts, args, common)
     if csv:
         from clip_fast.data.csv_loader import build_csv_loader
 
@@ -172,6 +179,22 @@ def build_data_loader(paths: list[str], opts: LoaderOptions, args: argparse.Name
     from clip_fast.data.loader import build_loader
 
     return build_loader(paths, opts.batch_size, opts.image_size, opts.tokenizer, **common)
+
+
+def _build_resampled_loader(paths: list[str], opts: LoaderOptions, args: argparse.Namespace, common: dict):
+    """--dataset-resampled: an epoch of --train-num-samples samples (default: as many as the
+    shards hold) drawn per rank by whole shards with replacement (clip_fast.data.loader)."""
+    from clip_fast.data.loader import build_loader
+    from clip_fast.data.shards import load_shard_indexes
+
+    samples = args.train_num_samples
+    if samples is None:
+        samples = sum(len(s) for s in load_shard_indexes(paths, num_threads=max(1, opts.workers)))
+    if samples // opts.world_size < opts.batch_size:
+        raise ConfigError(f"--train-num-samples {samples}: fewer than one batch of {opts.batch_size} x "
+                          f"{opts.world_size} ranks per epoch with --dataset-resampled")
+    return build_loader(paths, opts.batch_size, opts.image_size, opts.tokenizer, resampled_samples=samples,
+                        **{**common, "backend": "torch"})
 
 
 def _read_captions(shards: list[str], limit: int = 200_000) -> list[str]:
