@@ -7,7 +7,8 @@ What is checked against something independent:
   - resume with accumulation is exact: k steps + `--resume latest` + the rest == the
     run straight through, bit for bit, across an epoch boundary (the data position in
     loader batches is step x accum);
-  - a bad `--accum-freq` is one line naming the flag.
+  - a bad `--accum-freq` is one line naming the flag; a diverging accumulated run is
+    stopped by the non-finite guard.
 (GradCache's own fp64 exactness against a single pass: test_grad_cache*.py.)
 
 Tolerance of the loss comparison. Step 1 evaluates one loss of the same 64 samples with
@@ -108,3 +109,18 @@ def test_bad_accum_freq_is_one_line(demo, tokenizer_file, tmp_path, capsys, valu
     err = capsys.readouterr().err.strip()
     assert code != 0 and len(err.splitlines()) == 1 and "--accum-freq" in err and wanted in err, err
     assert "Traceback" not in err
+
+
+def test_diverging_accumulated_run_is_detected(demo, tokenizer_file, tmp_path, capsys):
+    """The non-finite guard sees GradCache's loss and gradients: a run at lr 1e6 stops
+    with the --max-nonfinite-steps line, and no checkpoint holds non-finite weights."""
+    argv = _argv(demo, tokenizer_file, tmp_path, "nan", "--batch-size", "8", "--accum-freq", "2", "--lr", "1e6",
+                 "--warmup", "0", "--max-steps", "6", "--max-nonfinite-steps", "1", "--epochs", "1")
+    assert T.main(argv) == 1
+    err = capsys.readouterr().err.strip()
+    assert "non-finite" in err and "--max-nonfinite-steps" in err and len(err.splitlines()) == 1, err
+    recs = _logged(tmp_path, "nan")
+    assert recs[-1]["nonfinite_steps"] >= 2
+    for p in (tmp_path / "nan" / "checkpoints").glob("*.pt"):
+        model = torch.load(p, map_location="cpu", weights_only=True)["model"]
+        assert all(torch.isfinite(v).all() for v in model.values() if v.is_floating_point()), p
