@@ -44,7 +44,6 @@ REJECTED: dict[str, tuple[str, dict[str, Any]]] = {
     "--force-custom-text": ("not supported: clip_fast has one text tower", {"action": "store_true"}),
     "--torchscript": ("not supported (TorchScript is deprecated); use --torchcompile", {"action": "store_true"}),
     "--trace": ("not supported (torch.jit.trace is for inference)", {"action": "store_true"}),
-    "--accum-freq": ("gradient accumulation: issue 13, not yet", {"type": int, "default": 1}),
     "--momentum": ("only for timm optimizers; clip_fast supports --opt adamw", {"type": float}),
     "--log-local": ("not supported: global rank 0 writes the logs", {"action": "store_true"}),
     "--copy-codebase": ("not supported: clip_fast runs as an installed package", {"action": "store_true"}),
@@ -115,6 +114,9 @@ def _data_flags(a) -> None:
 
 def _train_flags(a) -> None:
     a.add_argument("--batch-size", type=int, help="per rank (open_clip: 64; demo: 128)")
+    a.add_argument("--accum-freq", type=int, default=1,
+                   help="micro-batches of --batch-size per optimizer step: one exact loss and gradient over "
+                        "accum-freq x batch-size samples per rank (feature-cached accumulation, clip_fast.GradCache)")
     a.add_argument("--epochs", type=int)
     a.add_argument("--epochs-cooldown", type=int, help="const-cooldown: cool down over the last N epochs")
     a.add_argument("--lr", type=float)
@@ -241,7 +243,7 @@ def _positive(args: argparse.Namespace, names: Sequence[str], minimum: int) -> N
 
 def validate(args: argparse.Namespace) -> None:
     """Checks that need no data or device (the rest: validate_paths, at start)."""
-    _positive(args, ("batch_size", "epochs", "log_every_n_steps", "max_steps", "train_num_samples",
+    _positive(args, ("batch_size", "accum_freq", "epochs", "log_every_n_steps", "max_steps", "train_num_samples",
                      "val_num_samples", "max_nonfinite_steps", "vocab_size"), 1)
     _positive(args, ("warmup", "save_every_n_steps", "zeroshot_frequency", "val_frequency", "save_frequency",
                      "workers", "epochs_cooldown", "lock_image_unlocked_groups", "lock_text_unlocked_layers"), 0)

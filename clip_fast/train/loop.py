@@ -81,15 +81,33 @@ def counts_as_nonfinite(loss: torch.Tensor, grad_norm: torch.Tensor, loss_scale:
     return bad_loss | bad_grad
 
 
-def train_step(run: Run, state: TrainState, images: torch.Tensor, tokens: torch.Tensor) -> None:
-    """Forward, loss, backward, the non-finite guard and clipping, optimizer step."""
-    for g in run.optimizer.param_groups:
-        g["lr"] = state.lr
+MicroBatches = list[tuple[torch.Tensor, torch.Tensor]]
+
+
+def loss_and_gradients(run: Run, micro_batches: MicroBatches) -> torch.Tensor:
+    """L over the step's whole batch, with dL/dtheta (scaled under amp) in `.grad`.
+
+    One (images, tokens) batch: one forward and backward. --accum-freq N batches:
+    clip_fast.GradCache computes the same L and gradient as one pass over their
+    concatenation would (2 tower forwards + 1 backward per sample, one loss over all
+    N x batch-size samples, one gradient reduction across ranks)."""
+    run.optimizer.zero_grad(set_to_none=True)
+    if run.grad_cache is not None:
+        return run.grad_cache.step(micro_batches, grad_scaler=run.scaler if run.scaler.is_enabled() else None)
+    (images, tokens), = micro_batches
     with run.eval.autocast():
         out = run.model(images, tokens)
     loss = run.loss_fn(*out)  # the blockwise losses pick their own precision: outside autocast
-    run.optimizer.zero_grad(set_to_none=True)
     run.scaler.scale(loss).backward()
+    return loss
+
+
+def train_step(run: Run, state: TrainState, micro_batches: MicroBatches) -> None:
+    """Loss and gradients of the global batch, the non-finite guard and clipping, one
+    optimizer step."""
+    for g in run.optimizer.param_groups:
+        g["lr"] = state.lr
+    loss = loss_and_gradients(run, micro_batches)
     if run.scaler.is_enabled():
         run.scaler.unscale_(run.optimizer)
     factor, grad_norm = _grad_multiplier(run, loss)
@@ -106,7 +124,8 @@ def train_step(run: Run, state: TrainState, images: torch.Tensor, tokens: torch.
     with torch.no_grad():
         scale = run.raw.logit_scale
         (scale.to_local() if hasattr(scale, "to_local") else scale).clamp_(0, LOGIT_SCALE_MAX)
-        length = tokens.argmax(-1).max() + 1  # the trimmed length the text tower ran (no sync)
+        # the trimmed length the text tower ran, averaged over micro-batches (no sync)
+        length = torch.stack([tokens.argmax(-1).max() for _, tokens in micro_batches]).float().mean() + 1
         step_sums = torch.stack([loss.detach().float(), counted.float(), length.float()])
         state.sums = step_sums if state.sums is None else torch.cat([step_sums[:1], state.sums[1:] + step_sums[1:]])
     state.step += 1
@@ -241,7 +260,7 @@ def _batches(run: Run, state: TrainState):
     it has trained on, then restores the RNG states it saved)."""
     run.loader.set_epoch(state.epoch)
     batches = iter(run.loader)
-    skip = state.step - state.epoch * run.steps_per_epoch
+    skip = (state.step - state.epoch * run.steps_per_epoch) * run.args.accum_freq  # loader batches
     if skip:
         run.log.info(f"skipping {skip} batches of epoch {state.epoch} to restore the data position")
         for _ in range(skip):
@@ -254,20 +273,30 @@ def _batches(run: Run, state: TrainState):
     return batches
 
 
+def _step_batches(run: Run, state: TrainState, batches) -> MicroBatches:
+    """The next --accum-freq loader batches: one optimizer step's global batch."""
+    micro_batches = []
+    for _ in range(run.args.accum_freq):
+        images, tokens = next(batches, (None, None))
+        if images is None:
+            done = (state.step - state.epoch * run.steps_per_epoch) * run.args.accum_freq + len(micro_batches)
+            raise RuntimeError(f"the loader ended epoch {state.epoch} after {done} of "
+                               f"{run.steps_per_epoch * run.args.accum_freq} batches")
+        micro_batches.append((images, tokens))
+    return micro_batches
+
+
 def train_epoch(run: Run, state: TrainState) -> None:
     batches = _batches(run, state)
     epoch_end = min(run.stop_step, (state.epoch + 1) * run.steps_per_epoch)
     while state.step < epoch_end:
         _sync_debug(run, state.step)
         t0 = time.time()
-        images, tokens = next(batches, (None, None))
-        if images is None:
-            raise RuntimeError(f"the loader ended epoch {state.epoch} after {state.step % run.steps_per_epoch} "
-                               f"of {run.steps_per_epoch} batches")
+        micro_batches = _step_batches(run, state, batches)
         state.lr = learning_rate(state.step, run.args, run.total_steps, run.steps_per_epoch)
         waited = time.time() - t0
-        train_step(run, state, images, tokens)
-        state.meter.add(images.shape[0], waited)
+        train_step(run, state, micro_batches)
+        state.meter.add(sum(images.shape[0] for images, _ in micro_batches), waited)
         if state.step % run.args.log_every_n_steps == 0 or state.step == run.stop_step:
             log_interval(run, state)
         if run.args.save_every_n_steps and state.step % run.args.save_every_n_steps == 0 and state.step < run.stop_step:

@@ -13,6 +13,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from clip_fast.grad_cache import GradCache
 from clip_fast.train import checkpoint as ckpt_io
 from clip_fast.train import setup
 from clip_fast.train.config import ConfigError, precision_mode
@@ -49,6 +50,7 @@ class Run:
     image_flops: float
     peak_flops: float | None
     resume: dict | None = None  # the checkpoint being resumed (dropped once restored)
+    grad_cache: GradCache | None = None  # --accum-freq > 1: one exact step over accum_freq loader batches
 
     @property
     def fsdp(self) -> bool:
@@ -126,10 +128,11 @@ def load_sources(args: argparse.Namespace, resume: dict | None, model_given: boo
 
 def warn_changed_layout(args: argparse.Namespace, env: setup.DistEnv, resume: dict, log: RunLog) -> None:
     saved = resume.get("args", {})
-    old = (saved.get("batch_size"), saved.get("world_size", 1))
-    if old[0] is not None and old != (args.batch_size, env.world_size):
-        log.info(f"clip_fast.train: warning: --resume: the checkpoint trained with batch {old[0]} x {old[1]} ranks, "
-                 f"now {args.batch_size} x {env.world_size}: the step counter is kept, so the schedule and the "
+    old = (saved.get("batch_size"), saved.get("accum_freq", 1), saved.get("world_size", 1))
+    if old[0] is not None and old != (args.batch_size, args.accum_freq, env.world_size):
+        log.info(f"clip_fast.train: warning: --resume: the checkpoint trained with batch {old[0]} x accum {old[1]} x "
+                 f"{old[2]} ranks, now {args.batch_size} x {args.accum_freq} x {env.world_size}: the step counter is "
+                 "kept, so the schedule and the "
                  "data position map to different samples (the run does not continue exactly)")
 
 
@@ -173,12 +176,18 @@ def _loaders(args, env, data, tokenizer, raw, precision):
 
 
 def _epoch_steps(args, env, loader) -> int:
-    steps = len(loader)
+    """Optimizer steps per epoch: each takes --accum-freq loader batches (a remainder of
+    fewer is not trained on)."""
+    steps = len(loader) // args.accum_freq
+    if steps < 1:
+        raise ConfigError(f"--accum-freq {args.accum_freq}: a step takes {args.accum_freq} batches of "
+                          f"{args.batch_size}, the data has {len(loader)} per epoch on each of {env.world_size} ranks")
     if args.train_num_samples is not None:
-        wanted = args.train_num_samples // (args.batch_size * env.world_size)
+        wanted = args.train_num_samples // (args.batch_size * args.accum_freq * env.world_size)
         if wanted < 1 or wanted > steps:
             raise ConfigError(f"--train-num-samples {args.train_num_samples}: gives {wanted} steps of "
-                              f"{args.batch_size} x {env.world_size}; the data has {steps} per epoch")
+                              f"{args.batch_size} x {args.accum_freq} x {env.world_size}; the data has {steps} "
+                              "per epoch")
         steps = wanted
     return steps
 
@@ -196,13 +205,15 @@ def _assemble(args, env, precision, raw, data, tokenizer, log, run_dir, resume) 
         args.ddp_static_graph, args.use_bn_sync, args.torchcompile))
     optimizer = setup.build_optimizer(model, args, precision, fsdp)
     autocast = autocast_factory(precision, env.device, fsdp)
+    loss_fn = setup.LossAdapter(args, env)
+    grad_cache = GradCache(model, loss_fn, autocast=autocast) if args.accum_freq > 1 else None
     ctx = EvalContext(model, raw, env.device, env.rank, env.world_size, autocast, dtype, args.batch_size,
                       setup.workers(args))
     run = Run(args, env, precision, raw, model, optimizer, torch.amp.GradScaler(env.device.type,
-              enabled=precision == "amp_fp16"), setup.LossAdapter(args, env), loader, val_loader, data, tokenizer,
+              enabled=precision == "amp_fp16"), loss_fn, loader, val_loader, data, tokenizer,
               log, ctx, run_dir, steps_per_epoch, total, min(total, args.max_steps or total),
               _templates(args, data), image_flops_per_sample(raw, env.device), peak_flops(env.device, precision),
-              resume)
+              resume, grad_cache)
     _describe(run)
     if run_dir is not None and env.is_main:
         (run_dir / "params.txt").write_text("".join(f"{k}: {v}\n" for k, v in sorted(vars(args).items())))
@@ -223,9 +234,10 @@ def _describe(run: Run) -> None:
     n = sum(p.numel() for p in run.raw.parameters())
     trainable = sum(p.numel() for p in run.raw.parameters() if p.requires_grad)
     frozen = f", {trainable / 1e6:.2f}M trainable" if trainable != n else ""
+    accum = f" x accum {a.accum_freq} (global {a.batch_size * a.accum_freq * env.world_size})" if a.accum_freq > 1 else ""
     run.log.info(f"clip_fast.train: model {a.model} ({n / 1e6:.2f}M params{frozen}), precision {a.precision or 'auto'} "
                  f"-> {run.precision}, device {env.device}{f' x{env.world_size} ({a.dist})' if env.world_size > 1 else ''}, "
-                 f"data backend {run.loader.backend}, batch {a.batch_size}/rank, {run.steps_per_epoch} steps/epoch x "
+                 f"data backend {run.loader.backend}, batch {a.batch_size}/rank{accum}, {run.steps_per_epoch} steps/epoch x "
                  f"{a.epochs} epochs, tokenizer {run.tokenizer.kind} (vocab {run.tokenizer.vocab_size})")
 
 
