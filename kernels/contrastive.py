@@ -7,10 +7,15 @@ logits are S = s * A @ B.T + b. Nothing of size M x N is ever written to memory:
   row_lse[i] = logsumexp_j S[i, j] (online, per program) and col_lse[j] =
   logsumexp_i S[i, j], kept as per-program partials (P, N) and merged by a small
   reduction, so no program ever waits on another.
+- Both grids are (row blocks, column splits): with M << N (the sharded loss, M = local
+  batch, N = global batch) the row blocks alone would occupy a few of 100+ SMs, so the
+  columns are split too (`column_splits`, from M, N and the SM count) and the per-split
+  row partials are merged by logsumexp (forward) or summed (grad_a slices).
 - `grad_backward` recomputes S tile by tile and contracts
   G[i, j] = exp(S[i, j] - row_lse[i]) + exp(S[i, j] - col_lse[j]) - 2 * [j == i + diag_offset]
   with both feature matrices: grad_a = G @ B and grad_b = G.T @ A. The program that
-  owns a row block owns those rows of grad_a (plain read-modify-write, no atomics);
+  owns a row block (and a column split) owns those rows of its split's slice of grad_a
+  (plain read-modify-write, no atomics; the slices are summed after the launch);
   grad_b gets fp32 atomics. Deterministic mode runs the kernel twice with the roles of
   A and B swapped (P is symmetric in them) and no atomics. Split mode contracts the two
   softmaxes separately (grad_a = (P_row - E) @ B, grad_b = (P_col - E).T @ A) from the

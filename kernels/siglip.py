@@ -25,9 +25,9 @@ So each (row block, column block) tile makes two sweeps over D in BLOCK_K chunks
                                         unless the column range is split, see below)
            dT[:, k] += G'.T @ I[:, k]  (fp32 atomic add: many programs own these rows)
 
-with G' = scale * G cast to the input dtype (as 2^15 * B_local * G, rescaled in fp32
-after the product, so fp16 keeps the small negative-pair entries normal) (bf16/fp16 operands on tensor cores with
-fp32 accumulation, as flash-attention does with dS). Cost of sweep 2 in memory
+with G' = scale * G cast to the input dtype (bf16/fp16 operands on tensor cores with
+fp32 accumulation, as flash-attention does with dS; cast as 2^15 * B_local * G and
+rescaled after the product, so fp16 keeps small negative-pair entries normal). Cost of sweep 2 in memory
 traffic: (BM + BN) * D fp32 atomic adds per tile against 6 * BM * BN * D FLOPs, i.e.
 an arithmetic intensity of ~3*BM*BN / (2*(BM+BN)) FLOP/B = 24 FLOP/B for 64x64 tiles
 (48 for 128x128). The atomics land in L2 (red.global.add, fire-and-forget, no load
