@@ -69,8 +69,8 @@ def _dot_tile(
     # 64-bit block base pointers (row * stride passes 2^31 elements at N * D >= 2^31,
     # e.g. N = 1.7M at D = 1280, where a 32-bit product would wrap silently), 32-bit
     # offsets inside the tile: int64 offset tensors would cost registers and spill.
-    a_blk = a_ptr + row_start.to(tl.int64) * stride_am
-    b_blk = b_ptr + col_start.to(tl.int64) * stride_bn
+    a_blk = a_ptr + (row_start + tl.zeros((), tl.int64)) * stride_am
+    b_blk = b_ptr + (col_start + tl.zeros((), tl.int64)) * stride_bn
     a_mask = (row_start + offs_m)[:, None] < M
     b_mask = (col_start + offs_n)[:, None] < N
     dots = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
@@ -220,7 +220,7 @@ def _grad_backward_kernel(
     col_begin = split * cols_per_split
     col_end = tl.minimum(col_begin + cols_per_split, N)
     # 64-bit block bases, 32-bit offsets inside the tile (see _dot_tile)
-    a_blk = a_ptr + row_start.to(tl.int64) * stride_am
+    a_blk = a_ptr + (row_start + tl.zeros((), tl.int64)) * stride_am
     grad_a_blk = grad_a_ptr + (split.to(tl.int64) * M + row_start) * D
     g_dot = tl.zeros((), tl.float32)
     for col_start in range(col_begin, col_end, BLOCK_N):
@@ -241,8 +241,8 @@ def _grad_backward_kernel(
         # fp16's normal range so the G@B products run on tensor cores in the input dtype.
         p_lo = (p * p_scale).to(a_ptr.dtype.element_ty)
         p_col_lo = (p_col * p_scale).to(a_ptr.dtype.element_ty) if SPLIT else p_lo
-        b_blk = b_ptr + col_start.to(tl.int64) * stride_bn
-        grad_b_blk = grad_b_ptr + col_start.to(tl.int64) * D
+        b_blk = b_ptr + (col_start + tl.zeros((), tl.int64)) * stride_bn
+        grad_b_blk = grad_b_ptr + (col_start + tl.zeros((), tl.int64)) * D
         for d_start in range(0, D, BLOCK_D):
             d = d_start + offs_d
             d_valid = d < D
