@@ -46,7 +46,7 @@ import triton
 import triton.language as tl
 
 from clip_fast.aot import KernelConfig
-from clip_fast.kernels.common import dot
+from clip_fast.kernels.common import dot, on_device
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -98,7 +98,10 @@ def _attention_pool_fwd_kernel(
     INPUT_PRECISION: tl.constexpr,
     WIDEN: tl.constexpr,  # interpreter only: widen bf16 dot operands (see common.dot)
 ):
-    n = tl.program_id(0)
+    # int64: n * stride passes 2^31 elements from ~21k RN50 images (n * L * C for
+    # dtok) or ~2.7k RN50x64 ones; the image's base pointers are 64-bit scalars and the
+    # offsets inside the image stay 32-bit (no wider offset tensors).
+    n = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = offs_h < H
     offs_l = tl.arange(0, BLOCK_L)
@@ -149,7 +152,7 @@ def _attention_pool_bwd_scores_kernel(
     INPUT_PRECISION: tl.constexpr,
     WIDEN: tl.constexpr,  # interpreter only: widen bf16 dot operands (see common.dot)
 ):
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # int64 image offsets, see the forward kernel
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = offs_h < H
     offs_l = tl.arange(0, BLOCK_L)
@@ -177,10 +180,11 @@ def _attention_pool_bwd_scores_kernel(
     ds = p * (dp - delta[None, :])
     # P and dS go to the tensor cores in the input dtype in the second kernel anyway,
     # so they are stored rounded to it (flash-attention rounds P and dS the same way).
-    lh_offs = n * (HW + 1) * H + offs_l[:, None] * H + offs_h[None, :]
+    image_lh = n * (HW + 1) * H  # int64 scalar: the image's first (L, H) entry
+    lh_offs = offs_l[:, None] * H + offs_h[None, :]
     lh_mask = l_mask[:, None] & h_mask[None, :]
-    tl.store(p_ptr + lh_offs, p.to(dtype), mask=lh_mask)
-    tl.store(ds_ptr + lh_offs, ds.to(dtype), mask=lh_mask)
+    tl.store(p_ptr + image_lh + lh_offs, p.to(dtype), mask=lh_mask)
+    tl.store(ds_ptr + image_lh + lh_offs, ds.to(dtype), mask=lh_mask)
 
 
 @triton.jit
@@ -199,7 +203,7 @@ def _attention_pool_bwd_tokens_kernel(
     # Grid (N, C / BLOCK_C): each program owns one column block of one image's tokens,
     # loads them once and loops over the heads, so dT is summed over heads in registers
     # (no atomics, deterministic).
-    n = tl.program_id(0)
+    n = tl.program_id(0).to(tl.int64)  # int64 image offsets, see the forward kernel
     c0 = tl.program_id(1) * BLOCK_C
     L = HW + 1
     offs_l = tl.arange(0, BLOCK_L)
@@ -213,10 +217,10 @@ def _attention_pool_bwd_tokens_kernel(
     for h0 in range(0, H, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
         h_mask = offs_h < H
-        lh_offs = n * L * H + offs_l[:, None] * H + offs_h[None, :]
+        lh_offs = offs_l[:, None] * H + offs_h[None, :]
         lh_mask = l_mask[:, None] & h_mask[None, :]
-        p = tl.load(p_ptr + lh_offs, mask=lh_mask, other=0.0)
-        ds = tl.load(ds_ptr + lh_offs, mask=lh_mask, other=0.0)
+        p = tl.load(p_ptr + n * L * H + lh_offs, mask=lh_mask, other=0.0)
+        ds = tl.load(ds_ptr + n * L * H + lh_offs, mask=lh_mask, other=0.0)
         hc_mask = h_mask[:, None] & c_mask[None, :]
         u = tl.load(u_ptr + n * stride_un + offs_h[:, None] * stride_uh + offs_c[None, :], mask=hc_mask, other=0.0)
         dz = tl.load(dz_ptr + n * stride_dzn + offs_h[:, None] * stride_dzh + offs_c[None, :],
@@ -276,11 +280,12 @@ def _check(x: torch.Tensor, t0: torch.Tensor, pos: torch.Tensor, u: torch.Tensor
 
 
 def _launch(kernel, grid, cfg: dict, *args) -> None:
-    kernel[grid](
-        *args, BLOCK_L=cfg["BLOCK_L"], BLOCK_H=cfg["BLOCK_H"], BLOCK_C=cfg["BLOCK_C"],
-        INPUT_PRECISION=cfg["INPUT_PRECISION"], WIDEN=args[0].dtype == torch.bfloat16 and not args[0].is_cuda,
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    with on_device(args[0]):
+        kernel[grid](
+            *args, BLOCK_L=cfg["BLOCK_L"], BLOCK_H=cfg["BLOCK_H"], BLOCK_C=cfg["BLOCK_C"],
+            INPUT_PRECISION=cfg["INPUT_PRECISION"], WIDEN=args[0].dtype == torch.bfloat16 and not args[0].is_cuda,
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
 
 
 def attention_pool_forward(

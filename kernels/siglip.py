@@ -26,7 +26,8 @@ So each (row block, column block) tile makes two sweeps over D in BLOCK_K chunks
            dT[:, k] += G'.T @ I[:, k]  (fp32 atomic add: many programs own these rows)
 
 with G' = scale * G cast to the input dtype (bf16/fp16 operands on tensor cores with
-fp32 accumulation, as flash-attention does with dS). Cost of sweep 2 in memory
+fp32 accumulation, as flash-attention does with dS; cast as 2^15 * B_local * G and
+rescaled after the product, so fp16 keeps small negative-pair entries normal). Cost of sweep 2 in memory
 traffic: (BM + BN) * D fp32 atomic adds per tile against 6 * BM * BN * D FLOPs, i.e.
 an arithmetic intensity of ~3*BM*BN / (2*(BM+BN)) FLOP/B = 24 FLOP/B for 64x64 tiles
 (48 for 128x128). The atomics land in L2 (red.global.add, fire-and-forget, no load
@@ -48,7 +49,7 @@ import torch
 import triton
 import triton.language as tl
 
-from clip_fast.kernels.common import dot
+from clip_fast.kernels.common import dot, on_device
 
 
 @triton.jit
@@ -129,23 +130,29 @@ def siglip_fused_kernel(
         e = tl.exp(-tl.abs(x))  # in (0, 1]: never overflows
         softplus_neg_x = tl.maximum(-x, 0.0) + _log1p(e)  # -logsigmoid(x)
         sig_neg_x = tl.where(x >= 0, e, 1.0) / (1.0 + e)  # sigmoid(-x)
-        g = tl.where(valid, -z * sig_neg_x * inv_n, 0.0)  # (BM, BN) dloss/dS
+        g_unit = tl.where(valid, -z * sig_neg_x, 0.0)  # (BM, BN) B_local * dloss/dS, in [-1, 1]
+        g = g_unit * inv_n  # dloss/dS
         loss_acc += tl.sum(tl.where(valid, softplus_neg_x + (S - S), 0.0), axis=1)
         ds_acc += tl.sum(g * dots, axis=1)
         db_acc += tl.sum(g, axis=1)
 
-        # sweep 2 over D: dI += G' @ T, dT += G'.T @ I, G' = scale * G
-        gs = (g * scale).to(I.dtype.element_ty)
+        # sweep 2 over D: dI += G' @ T, dT += G'.T @ I, G' = scale * G. The tensor cores
+        # take G in the input dtype, scaled by 2^15 first: scale * G itself, ~4e-7 for
+        # a typical negative pair at scale 10, bias -10, is subnormal in fp16 (below
+        # 6.1e-5), where it keeps only a few bits. 2^15 * G_unit is in [-2^15, 2^15],
+        # within fp16's range; the power of two is undone exactly on the fp32 products.
+        gs = (g_unit * 32768.0).to(I.dtype.element_ty)
+        g_back = scale * inv_n * (1.0 / 32768.0)
         for k0 in range(0, D, BLOCK_K):
             k_ok = (k0 + ks) < D
             a = tl.load(tl.multiple_of(I_blk + r[:, None] * stride_i + (k0 + ks)[None, :], [16, 16]),
                         mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
             b = tl.load(tl.multiple_of(T_blk + c[:, None] * stride_t + (k0 + ks)[None, :], [16, 16]),
                         mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # (BN, BK)
-            d_a = dot(gs, b, None, INPUT_PRECISION, UPCAST_DOT)  # (BM, BK)
+            d_a = dot(gs, b, None, INPUT_PRECISION, UPCAST_DOT) * g_back  # (BM, BK)
             tl.atomic_add(tl.multiple_of(dI_blk + r[:, None] * stride_di + (k0 + ks)[None, :], [16, 16]), d_a,
                           mask=row_ok[:, None] & k_ok[None, :], sem="relaxed")
-            d_b = dot(tl.trans(gs), a, None, INPUT_PRECISION, UPCAST_DOT)  # (BN, BK)
+            d_b = dot(tl.trans(gs), a, None, INPUT_PRECISION, UPCAST_DOT) * g_back  # (BN, BK)
             tl.atomic_add(tl.multiple_of(dT_blk + c[:, None] * stride_dt + (k0 + ks)[None, :], [16, 16]), d_b,
                           mask=col_ok[:, None] & k_ok[None, :], sem="relaxed")
 
@@ -217,16 +224,17 @@ def siglip_block(
     cols_per_prog = triton.cdiv(col_blocks, split)
     grid_n = triton.cdiv(col_blocks, cols_per_prog)
     partials = torch.empty((grid_m * grid_n, 3), device=image.device, dtype=torch.float32)
-    siglip_fused_kernel[(grid_m, grid_n)](
-        image, text, params, d_image, d_text, partials,
-        M, N, D,
-        image.stride(0), text.stride(0), d_image.stride(0), d_text.stride(0),
-        cols_per_prog, int(has_pos), float(inv_n),
-        BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
-        INPUT_PRECISION=cfg["precision"],
-        UPCAST_DOT=image.dtype == torch.bfloat16 and not image.is_cuda,  # CPU tensors = interpreter
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
-    )
+    with on_device(image):
+        siglip_fused_kernel[(grid_m, grid_n)](
+            image, text, params, d_image, d_text, partials,
+            M, N, D,
+            image.stride(0), text.stride(0), d_image.stride(0), d_text.stride(0),
+            cols_per_prog, int(has_pos), float(inv_n),
+            BLOCK_M=cfg["BLOCK_M"], BLOCK_N=cfg["BLOCK_N"], BLOCK_K=cfg["BLOCK_K"],
+            INPUT_PRECISION=cfg["precision"],
+            UPCAST_DOT=image.dtype == torch.bfloat16 and not image.is_cuda,  # CPU tensors = interpreter
+            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
+        )
     return partials.sum(0)
 
 

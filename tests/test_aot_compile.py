@@ -13,3 +13,26 @@ CONFIGS = all_configs()
 def test_kernel_compiles_within_limits(config, arch):
     report = compile_config(config, arch)
     assert report.problems(config.uses_tensor_cores) == [], report
+
+
+def test_contrastive_aot_covers_every_configuration_its_launchers_pick():
+    """Every (kernel, dtype, feature width, alignment, mode) a contrastive launcher can
+    run maps to a configuration the compile check above builds: the strip kernel's
+    aligned 128 x 128 tiles only with the hints they run with (`strip_is_aligned`), and
+    every feature width's K/D chunk class (widths 1..2048), not only a listed few."""
+    import itertools
+
+    import torch
+
+    from clip_fast.kernels import contrastive
+
+    names = {c.name for c in CONFIGS}
+    for kind, dtype, dim, aligned in itertools.product(
+        ("fwd", "bwd", "strip"), (torch.float32, torch.bfloat16, torch.float16), range(1, 2049), (False, True)
+    ):
+        if (aligned and dim % 16) or (kind == "strip" and dtype == torch.float32):
+            continue
+        cfg = contrastive.block_config(dtype, dim, kind, aligned)
+        for mode in contrastive._kernel_modes(kind):
+            name = contrastive._aot_config(kind, dtype, cfg, mode, aligned).name
+            assert name in names, f"{name} (D={dim}) is never compiled ahead of time"

@@ -72,6 +72,7 @@ def test_rectangular_shard_gradients_on_gpu(monkeypatch, split, deterministic, d
     monkeypatch.setenv("CLIP_FAST_CONTRASTIVE_BACKWARD", backward)
     monkeypatch.setattr(contrastive, "STRIP_MIN_ROWS", 128)
     monkeypatch.setattr(contrastive, "STRIP_ENTRIES", 300 * 4000)  # 384-row strips, ragged last
+    monkeypatch.setattr(contrastive, "STRIP_TALL_ROWS", 0)
 
     M, N, D, offset = 1000, 4000, 512, 2000
     g = torch.Generator(device="cuda").manual_seed(0)
@@ -104,3 +105,72 @@ def test_strip_backward_is_bitwise_reproducible_and_the_default_at_scale():
     second = loss_and_grads(ContrastiveLoss(), image, text, 50.0, None)
     for a, b in zip([first[0]] + first[1][:3], [second[0]] + second[1][:3]):
         assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("deterministic", [False, True])
+@pytest.mark.parametrize("M,N,D", [(256, 65536, 512), (200, 30001, 100)])
+def test_sharded_shape_splits_columns_and_matches_fp64(M, N, D, deterministic):
+    """The sharded loss's rank block (M = local batch << N = global batch): the grids split
+    the columns over the SMs, and the merged statistics and gradients match fp64 math."""
+    from clip_fast.kernels import contrastive
+    from clip_fast.loss import logit_grads, lse_stats
+
+    g = torch.Generator(device="cuda").manual_seed(1)
+    image = torch.nn.functional.normalize(torch.randn(M, D, device="cuda", generator=g), dim=-1).bfloat16()
+    text = torch.nn.functional.normalize(torch.randn(N, D, device="cuda", generator=g), dim=-1).bfloat16()
+    cfg = contrastive.block_config(torch.bfloat16, D, "fwd", contrastive.is_aligned(image, text))
+    splits, _ = contrastive.column_splits(-(-M // cfg["BLOCK_M"]), N, cfg["BLOCK_N"], image.device, programs_per_sm=2)
+    assert splits >= 8
+    scale = torch.tensor(30.0, device="cuda")
+    row, col = lse_stats(image, text, scale, None)
+    dots = image.double() @ text.double().T
+    logits = 30.0 * dots
+    torch.testing.assert_close(row.double(), logits.logsumexp(1), rtol=0, atol=1e-4)
+    torch.testing.assert_close(col.double(), logits.logsumexp(0), rtol=0, atol=1e-4)
+    offset = N // 2
+    labels = torch.zeros_like(logits)
+    labels[torch.arange(M), torch.arange(M) + offset] = 1.0
+    G = (logits - row.double()[:, None]).exp() + (logits - col.double()[None, :]).exp() - 2 * labels
+    g_text, g_image, g_dot = logit_grads(image, text, scale, None, row, col, offset, deterministic)
+    # G is rounded to bf16 (relative 2^-9) before its products, accumulated in fp32
+    torch.testing.assert_close(g_text.double(), G @ text.double(), rtol=0, atol=1e-2 * (G.abs() @ text.double().abs()).max().item())
+    torch.testing.assert_close(g_image.double(), G.T @ image.double(), rtol=0, atol=1e-2 * (G.abs().T @ image.double().abs()).max().item())
+    torch.testing.assert_close(g_dot.double(), (G * dots).sum(), rtol=0, atol=1e-4 * (G.abs() * dots.abs()).sum().item())
+
+
+@pytest.mark.skipif(torch.cuda.device_count() < 2, reason="needs two GPUs")
+def test_every_triton_launcher_runs_on_its_tensors_device_not_the_current_one():
+    """Tensors on cuda:1 while cuda:0 is current: Triton launches on the current device
+    unless the launcher switches to the tensors' one (an illegal access, or a read not
+    ordered with cuda:1's stream). Each launcher must give what it gives with cuda:1
+    current (deterministic modes: bitwise), and leave cuda:0 current."""
+    from clip_fast.kernels import attention_pool, contrastive, siglip
+
+    def run_all(dev):
+        g = torch.Generator(device=dev).manual_seed(3)
+        a = torch.nn.functional.normalize(torch.randn(300, 64, device=dev, generator=g), dim=-1).bfloat16()
+        b = torch.nn.functional.normalize(torch.randn(500, 64, device=dev, generator=g), dim=-1).bfloat16()
+        scale = torch.tensor([20.0], device=dev)
+        row, col = contrastive.lse_forward(a, b, scale, None)
+        out = [row, col]
+        out += contrastive.grad_backward(a, b, scale, None, row, col, deterministic=True, strips=False)
+        out += contrastive.grad_backward(a, b, scale, None, row, col, strips=True)
+        d_a, d_b = siglip.grad_buffer(300, 64, a.device), siglip.grad_buffer(500, 64, a.device)
+        out.append(siglip.siglip_block(a, b, torch.tensor([10.0, -10.0], device=dev), d_a, d_b, False, 1 / 500))
+        x = torch.randn(4, 49, 256, device=dev, generator=g).bfloat16()
+        t0, pos = torch.randn(4, 256, device=dev, generator=g).bfloat16(), torch.randn(49, 256, device=dev, generator=g).bfloat16()
+        u = (torch.randn(4, 8, 256, device=dev, generator=g) / 16).bfloat16()
+        z, lse = attention_pool.attention_pool_forward(x, t0, pos, u)
+        out += [z, lse, *attention_pool.attention_pool_backward(x, t0, pos, u, lse, torch.ones_like(z))]
+        torch.cuda.synchronize(dev)
+        return out, (d_a, d_b)
+
+    with torch.cuda.device(1):
+        expected, expected_sig = run_all("cuda:1")
+    torch.cuda.set_device(0)
+    got, got_sig = run_all("cuda:1")
+    assert torch.cuda.current_device() == 0
+    for a, b in zip(got, expected):
+        assert a.device == torch.device("cuda:1") and torch.equal(a, b)
+    for a, b in zip(got_sig, expected_sig):  # fp32 atomics: summation order may differ
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)

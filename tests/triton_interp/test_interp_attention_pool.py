@@ -103,3 +103,29 @@ def test_full_module_through_kernels_matches_reference():
     rx, rpos = torch.autograd.grad(ref, [x, m.positional_embedding], g)
     torch.testing.assert_close(gx, rx, rtol=1e-4, atol=1e-6)
     torch.testing.assert_close(gpos, rpos, rtol=1e-4, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.float32])
+def test_images_past_2_to_the_31_elements(dtype):
+    """int64 image offsets: images 2^30 + 64 elements apart, so image 2 starts past 2^31
+    elements (n * stride_xn wraps in int32, as n * L * C does for ~21k RN50 images). The
+    (3, HW, C) view lives in a 2^31 + ~300 element buffer of which only the images' own
+    pages are touched (the rest is never-faulted virtual memory). Forward and both
+    backward kernels must give exactly what they give on a contiguous copy; a wrapped
+    32-bit offset would read another address (or fault). The other per-image products
+    (n * H, n * L * H, n * L * C, n * H * C) share the same int64 `n`."""
+    n, hw, c, heads = 3, 4, 64, 2
+    stride = (1 << 30) + 64
+    big = torch.empty(stride * (n - 1) + hw * c, dtype=dtype)
+    x_dense, t0, pos, u = _inputs(n, hw, c, heads, dtype)
+    x = big.as_strided((n, hw, c), (stride, c, 1))
+    x.copy_(x_dense)
+    assert x.stride(0) * (n - 1) >= 1 << 31
+    from clip_fast.kernels.attention_pool import attention_pool_backward, attention_pool_forward
+
+    z, lse = attention_pool_forward(x, t0, pos, u)
+    z_dense, lse_dense = attention_pool_forward(x_dense, t0, pos, u)
+    assert torch.equal(z, z_dense) and torch.equal(lse, lse_dense)
+    dz = torch.randn(n, heads, c, generator=torch.Generator().manual_seed(2)).to(dtype)
+    for got, want in zip(attention_pool_backward(x, t0, pos, u, lse, dz), attention_pool_backward(x_dense, t0, pos, u, lse, dz)):
+        assert torch.equal(got, want)

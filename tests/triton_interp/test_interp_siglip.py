@@ -88,3 +88,34 @@ def test_non_finite_gives_nan_and_unaligned_rows_are_padded():
     ours = SigLipLoss()(i, text, 10.0, -10.0)
     ref = OpenClipSigLip()(i.double(), text.double(), 10.0, -10.0)
     assert _rel_err(ours, ref) < 1e-6
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32])
+@pytest.mark.parametrize("has_pos", [False, True])
+def test_gradients_keep_small_negative_pairs_at_scale_10_bias_minus_10(dtype, has_pos):
+    """SigLIP's init (scale 10, bias -10): a negative pair's entry of scale * dL/dS is
+    ~10 * sigmoid(-10) / B ~ 2e-6 at B = 256, subnormal in fp16 (< 6.1e-5) if the kernel
+    rounded it to fp16 as is. Off-diagonal blocks (has_pos=False) are nothing else.
+    Each gradient entry must match fp64 math on the same inputs to the rounding of G to
+    the input dtype (relative eps/2 per entry) plus fp32 accumulation, bounded entrywise
+    by that error times the magnitude sum scale * |G| @ |features|."""
+    M, N, D = 64, 256, 64
+    g = torch.Generator().manual_seed(16)
+    image = torch.nn.functional.normalize(torch.randn(M, D, generator=g), dim=-1).to(dtype)
+    text = torch.nn.functional.normalize(torch.randn(N, D, generator=g), dim=-1).to(dtype)
+    scale, bias, inv_n = 10.0, -10.0, 1.0 / N
+    d_image, d_text = grad_buffer(M, D, image.device), grad_buffer(N, D, image.device)
+    siglip_block(image, text, torch.tensor([scale, bias]), d_image, d_text, has_pos, inv_n)
+
+    S = scale * image.double() @ text.double().T + bias
+    z = -torch.ones(M, N, dtype=torch.float64)
+    if has_pos:
+        z.diagonal().fill_(1.0)
+    G = scale * (-z * torch.sigmoid(-z * S) * inv_n)
+    unit = torch.finfo(dtype).eps / 2 + 4 * max(M, N) * torch.finfo(torch.float32).eps
+    for got, exact, size in (
+        (d_image, G @ text.double(), G.abs() @ text.double().abs()),
+        (d_text, G.T @ image.double(), G.abs().T @ image.double().abs()),
+    ):
+        excess = (got.double() - exact).abs() - 2 * unit * size
+        assert excess.max() <= 0, f"gradient error exceeds the rounding bound by {excess.max():.3g}"
