@@ -77,16 +77,19 @@ def check_group(features: torch.Tensor, rank: int, world_size: int, group=None) 
     the same (b, D); otherwise the same ValueError on every rank (the sizes are
     all-gathered first, so no rank is left waiting in a later collective).
 
-    The all-gather (and the host read of its result) runs once per group and shape: a
-    training step repeating a checked shape costs no collective and no host sync. Every
-    rank decides the same way as long as the ranks' shapes have agreed so far; a rank
-    whose shape changes to one only it has not seen (e.g. an uneven last eval batch)
-    is caught only if every rank's shape is new to it."""
+    Host collectives (gloo: the sizes travel as CPU tensors, reading them syncs no
+    device) check on every call, so a rank whose shape changes alone (an uneven last
+    eval batch) is always caught. Device collectives (NCCL) check once per group and
+    shape, so a training step repeating a checked shape costs no collective and no host
+    sync; there every rank decides the same way as long as the ranks' shapes have agreed
+    so far, and a rank whose shape changes to one only it has not seen is caught only if
+    every rank's shape is new to it."""
     if not (dist.is_available() and dist.is_initialized()):
         raise ValueError(f"world_size={world_size} needs an initialised torch.distributed process group")
     process_group = group if group is not None else dist.group.WORLD
     key = (process_group, rank, world_size, tuple(features.shape), features.device.type)
-    if key in _CHECKED_GROUPS:
+    on_host = _collective_device(features, group).type == "cpu"
+    if key in _CHECKED_GROUPS and not on_host:
         return
     if dist.get_world_size(group) != world_size or dist.get_rank(group) != rank:
         raise ValueError(
@@ -108,10 +111,11 @@ def check_group(features: torch.Tensor, rank: int, world_size: int, group=None) 
 def check_same_grad_output(g_all: torch.Tensor, spec: ShardSpec, shape: torch.Size) -> None:
     """RuntimeError unless every rank's grad_output (g_all, (W,), the same on every rank)
     is equal, which local_loss=True with gather_with_grad=True needs. Read on the host
-    (a sync) once per group and shape, like check_group: DDP gives every step the same."""
+    (a sync) once per group and shape on a device, like check_group (DDP gives every step
+    the same); CPU tensors are checked on every call (no device to sync)."""
     key = ("grad_output", spec.group if spec.group is not None else dist.group.WORLD, spec.rank, spec.world_size,
            tuple(shape), g_all.device.type)
-    if key in _CHECKED_GROUPS:
+    if key in _CHECKED_GROUPS and g_all.device.type != "cpu":
         return
     if not bool((g_all == g_all[0]).all()):
         raise RuntimeError(

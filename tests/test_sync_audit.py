@@ -123,6 +123,10 @@ CPU_FALLBACK_SYNCS = (
     ("clip_fast/optim.py", "int((~finite).sum())"),
     ("clip_fast/siglip.py", "float(scale) * inv_n"),
     ("clip_fast/siglip.py", "float(scale), float(bias)"),
+    # gloo only: the shape check's sizes are CPU tensors (NCCL: checked once per shape)
+    ("clip_fast/distributed_loss.py", "mine = torch.tensor(list(features.shape)"),
+    ("clip_fast/distributed_loss.py", "shapes = [tuple(s.tolist()) for s in shapes]"),
+    ("clip_fast/distributed_loss.py", "if not bool((g_all == g_all[0]).all()):"),
 )
 
 

@@ -167,10 +167,11 @@ class CsvLoader(ShardLoader):
         start, stop = r * n // w, (r + 1) * n // w
         return order, start, stop - start
 
-    def _iterate(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _iterate(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
         order, start, count = self._plan(epoch)
         rows = order[start : start + count]
         batches = [rows[i : i + self.batch_size].tolist() for i in range(0, count, self.batch_size)][: len(self)]
+        batches = batches[start_batch:]  # a mid-epoch resume reads none of the batches before
         if not batches:
             return
         on_cpu = self.device.type == "cpu"
