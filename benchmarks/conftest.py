@@ -13,6 +13,7 @@ Save and compare runs:
 """
 from __future__ import annotations
 
+import ctypes
 import gc
 import os
 import threading
@@ -56,6 +57,16 @@ def bench_device() -> str:
     return "cuda" if HAS_CUDA else "cpu"
 
 
+def _release_freed_heap() -> None:
+    """Return freed heap pages to the OS (glibc malloc_trim), so that RSS measures live
+    memory: otherwise memory freed by an earlier benchmark is reused without RSS growth
+    and the next one's peak reads as ~0."""
+    try:
+        ctypes.CDLL("libc.so.6").malloc_trim(0)
+    except (OSError, AttributeError):
+        pass
+
+
 def _rss_bytes() -> int:
     with open("/proc/self/statm") as f:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE")
@@ -95,6 +106,7 @@ def peak_extra_memory(fn: Callable[[], Any], device: str) -> int:
         fn()
         torch.cuda.synchronize()
         return torch.cuda.max_memory_allocated() - base
+    _release_freed_heap()
     base = _rss_bytes()
     with _PeakRSS() as sampler:
         fn()
