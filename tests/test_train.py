@@ -148,6 +148,8 @@ def test_resume_is_exact(demo, tokenizer_file, tmp_path, precision):
     resumed = T.train(_argv(demo, tmp_path, "split", "--max-steps", "8", "--resume", "latest", *common))
     assert resumed["step"] == straight["step"] == 8 and resumed["epoch"] == 1
     assert resumed["loss"] == straight["loss"]
+    # The loader starts at the first untrained batch (it does not read the 4 before it).
+    assert "resuming epoch 0 at batch 4" in (tmp_path / "split" / "out.log").read_text()
     a, b = straight["model"].state_dict(), resumed["model"].state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])][:5]
     if precision == "bf16":

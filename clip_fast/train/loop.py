@@ -256,15 +256,14 @@ def _sync_debug(run: Run, step: int) -> None:
 
 
 def _batches(run: Run, state: TrainState):
-    """This epoch's batches from the current position (a resumed run skips the batches
-    it has trained on, then restores the RNG states it saved)."""
-    run.loader.set_epoch(state.epoch)
-    batches = iter(run.loader)
+    """This epoch's batches from the current position. A resumed run starts the loader at
+    the first batch it has not trained on (the loader neither reads nor decodes the ones
+    before), then restores the RNG states it saved."""
     skip = (state.step - state.epoch * run.steps_per_epoch) * run.args.accum_freq  # loader batches
     if skip:
-        run.log.info(f"skipping {skip} batches of epoch {state.epoch} to restore the data position")
-        for _ in range(skip):
-            next(batches)
+        run.log.info(f"resuming epoch {state.epoch} at batch {skip}")
+    run.loader.set_epoch(state.epoch, skip)
+    batches = iter(run.loader)
     if run.resume is not None:  # after the loader drew its seeds: the run continues bit for bit
         states = run.resume.get("rng_states") or []
         if len(states) == run.env.world_size:

@@ -66,7 +66,7 @@ def run_name(args: argparse.Namespace, env: setup.DistEnv) -> str:
     if args.name is not None:
         return args.name
     stamp = datetime.datetime.now().strftime("%Y_%m_%d-%H_%M_%S")
-    name = [f"{stamp}-model_{args.model.replace('/', '-')}-lr_{args.lr}-b_{args.batch_size}-j_{args.workers}"
+    name = [f"{stamp}-model_{args.model.replace('/', '-')}-lr_{args.lr}-b_{args.batch_size}-j_{'auto' if args.workers is None else args.workers}"
             f"-p_{args.precision or 'auto'}"]
     if env.world_size > 1:
         dist.broadcast_object_list(name, src=0)
