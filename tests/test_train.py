@@ -135,6 +135,24 @@ def test_siglip_amp_bf16_checkpointing_resnet(demo, tokenizer_file, tmp_path):
     assert out["model"].visual.layer1[0].conv1.weight.dtype == torch.float32  # amp keeps fp32 weights
 
 
+
+def test_report_to_wandb_offline(demo, tmp_path, monkeypatch):
+    """--report-to wandb writes an offline run (nothing leaves the machine) inside the run
+    folder, with open_clip's --wandb-project-name/--wandb-notes and every logged loss."""
+    pytest.importorskip("wandb")
+    monkeypatch.setenv("WANDB_SILENT", "true")
+    monkeypatch.delenv("WANDB_MODE", raising=False)
+    T.train(_argv(demo, tmp_path, "wb", "--max-steps", "3", "--epochs", "1", "--report-to", "wandb",
+                  "--wandb-project-name", "cf-proj", "--wandb-notes", "cf-notes-1"))
+    run = tmp_path / "wb"
+    files = list((run / "wandb").glob("offline-run-*/run-*.wandb"))
+    assert len(files) == 1, "expected one offline wandb run in the run folder"
+    data = files[0].read_bytes()  # protobuf records: strings and JSON values are stored as written
+    assert b"cf-proj" in data and b"cf-notes-1" in data and b"train/loss" in data
+    recs = [json.loads(line) for line in (run / "log.jsonl").read_text().splitlines()]
+    assert [r["step"] for r in recs] == [1, 2, 3]
+    assert all(repr(r["loss"]).encode() in data for r in recs)
+
 # ----------------------------------------------------------------------------- resume
 
 
