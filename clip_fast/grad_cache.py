@@ -19,7 +19,7 @@ gradient in `.grad`. The scale and bias gradients enter through the last replay'
 own graph (and through DDP/FSDP like every other gradient).
 
 Cost per sample: 2 tower forwards (one without autograd) and 1 backward, plus one loss
-over B. Peak memory: one micro-batch's activations plus O(B*D) (features and their
+over B (a single micro-batch is run as the plain forward, loss and backward). Peak memory: one micro-batch's activations plus O(B*D) (features and their
 gradients).
 
 Semantics a single pass does not share:
@@ -228,6 +228,8 @@ class GradCache:
         (detached). With `grad_scaler` (torch.amp.GradScaler) the backpropagated loss
         is `grad_scaler.scale(loss)`; unscale/step through the scaler afterwards."""
         batches = self._checked(micro_batches)
+        if len(batches) == 1:
+            return self._single_pass(batches[0], grad_scaler)
         cache = self._cache_features(batches)
         loss, grads = self._feature_gradients(cache, grad_scaler)
         self._replay(batches, cache, grads)
@@ -250,6 +252,25 @@ class GradCache:
             return tuple(micro_batch)
         return tuple(x.to(self.device, non_blocking=True) if isinstance(x, torch.Tensor) else x for x in micro_batch)
 
+    def _features(self, inputs: tuple[Any, ...], index: int) -> _Outputs:
+        """One forward under the autocast context, its feature shapes checked."""
+        with self.autocast():
+            out = _unpack(self.forward(self.model, inputs))
+        if out.image.dim() != 2 or out.image.shape != out.text.shape:
+            raise ValueError(f"micro_batches[{index}]: the model returned image features {tuple(out.image.shape)} "
+                             f"and text features {tuple(out.text.shape)}; expected two (B, D) of one shape")
+        return out
+
+    def _single_pass(self, micro_batch: Sequence[Any], grad_scaler: Optional[Any]) -> torch.Tensor:
+        """One micro-batch: the plain forward, loss and backward. The same gradient and
+        BatchNorm/RNG effects as the three steps, one forward cheaper."""
+        out = self._features(self._inputs(micro_batch), 0)
+        loss = _total_loss(self.loss_fn(out.image, out.text, out.scale, *([out.bias] if out.bias is not None else [])))
+        if not loss.requires_grad:
+            raise ValueError("loss_fn's result does not depend on the features it was given")
+        (grad_scaler.scale(loss) if grad_scaler is not None else loss).backward()
+        return loss.detach()
+
     def _cache_features(self, batches: list[Sequence[Any]]) -> _Cache:
         """Step 1: every micro-batch's features without autograd, and its RNG state."""
         images, texts, sizes, rng = [], [], [], []
@@ -257,11 +278,7 @@ class GradCache:
             for i, mb in enumerate(batches):
                 inputs = self._inputs(mb)
                 rng.append(_RngState.capture(inputs))
-                with self.autocast():
-                    out = _unpack(self.forward(self.model, inputs))
-                if out.image.dim() != 2 or out.image.shape != out.text.shape:
-                    raise ValueError(f"micro_batches[{i}]: the model returned image features {tuple(out.image.shape)} "
-                                     f"and text features {tuple(out.text.shape)}; expected two (B, D) of one shape")
+                out = self._features(inputs, i)
                 images.append(out.image)
                 texts.append(out.text)
                 sizes.append(out.image.shape[0])
