@@ -34,12 +34,12 @@ import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable, Iterator
+from typing import Callable
 
 import numpy as np
 import torch
 
-from .loader import ShardLoader, _Collate, check_loader_args, normalize, pil_transform
+from .loader import TorchShardLoader, check_loader_args, pil_transform
 from .shards import check_image_bytes
 
 log = logging.getLogger("clip_fast.data")
@@ -151,7 +151,7 @@ class _CsvDataset(torch.utils.data.Dataset):
         raise RuntimeError("no image of the CSV file could be decoded")
 
 
-class CsvLoader(ShardLoader):
+class CsvLoader(TorchShardLoader):
     """torch DataLoader + PIL over the rows of a CSV file (see the module docstring)."""
 
     backend = "torch"
@@ -167,32 +167,15 @@ class CsvLoader(ShardLoader):
         start, stop = r * n // w, (r + 1) * n // w
         return order, start, stop - start
 
-    def _iterate(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+    def _sample_plan(self, epoch: int) -> tuple[_CsvDataset, list[list[int]]]:
+        """The epoch's dataset over the usable rows and this rank's batches of row numbers."""
         order, start, count = self._plan(epoch)
         rows = order[start : start + count]
         batches = [rows[i : i + self.batch_size].tolist() for i in range(0, count, self.batch_size)][: len(self)]
-        batches = batches[start_batch:]  # a mid-epoch resume reads none of the batches before
-        if not batches:
-            return
-        on_cpu = self.device.type == "cpu"
-        loader = torch.utils.data.DataLoader(
-            _CsvDataset(self.rows, self.image_size, self.train, self.seed, epoch),
-            batch_sampler=batches,
-            num_workers=self.num_workers,
-            collate_fn=_Collate(self.tokenize, self.dtype if on_cpu else None),  # GPU: uint8 over PCIe
-            pin_memory=not on_cpu,
-            prefetch_factor=4 if self.num_workers > 0 else None,
-            timeout=600 if self.num_workers > 0 else 0,
-        )
-        for images, tokens, errors in loader:
-            if errors:
-                self.stats.decode_errors += errors
-                log.warning("clip_fast.data: %d image(s) of %s failed to decode and were replaced (%d so far)",
-                            errors, self.rows.path, self.stats.decode_errors)
-            images = images.to(self.device, non_blocking=True)
-            if not on_cpu:
-                images = normalize(images, self.dtype)
-            yield images, tokens.to(self.device, non_blocking=True)
+        return _CsvDataset(self.rows, self.image_size, self.train, self.seed, epoch), batches
+
+    def _source_note(self) -> str:
+        return f" of {self.rows.path}"
 
     def __repr__(self) -> str:
         return (f"CsvLoader(path={self.rows.path!r}, samples={self.num_samples}, batch_size={self.batch_size}, "

@@ -428,6 +428,13 @@ class ShardLoader:
         return dataset, batches
 
     def _iterate(self, epoch: int, start_batch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        dataset, batches = self._sample_plan(epoch)
+        batches = batches[start_batch:]  # a mid-epoch resume reads none of the batches before
+        if batches:
+            yield from self._load(dataset, batches)
+
+    def _load(self, dataset: torch.utils.data.Dataset, batches: list[list[int]]) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        """(images, tokens) on `self.device` for each batch of sample numbers of `dataset`."""
         raise NotImplementedError
 
     def __repr__(self) -> str:
@@ -440,11 +447,7 @@ class TorchShardLoader(ShardLoader):
 
     backend = "torch"
 
-    def _iterate(self, epoch: int, start_batch: int):
-        dataset, batches = self._sample_plan(epoch)
-        batches = batches[start_batch:]
-        if not batches:
-            return
+    def _load(self, dataset: torch.utils.data.Dataset, batches: list[list[int]]):
         on_cpu = self.device.type == "cpu"
         loader = torch.utils.data.DataLoader(
             dataset,
@@ -460,11 +463,16 @@ class TorchShardLoader(ShardLoader):
         for images, tokens, errors in loader:
             if errors:
                 self.stats.decode_errors += errors
-                log.warning("clip_fast.data: %d image(s) failed to decode and were replaced (%d so far)", errors, self.stats.decode_errors)
+                log.warning("clip_fast.data: %d image(s)%s failed to decode and were replaced (%d so far)",
+                            errors, self._source_note(), self.stats.decode_errors)
             images = images.to(self.device, non_blocking=True)
             if not on_cpu:
                 images = normalize(images, self.dtype)
             yield images, tokens.to(self.device, non_blocking=True)
+
+    def _source_note(self) -> str:
+        """What a decode warning adds after "image(s)" to say where they came from."""
+        return ""
 
 
 @dataclass
@@ -691,11 +699,7 @@ class DaliShardLoader(ShardLoader):
             view = torch.from_dlpack(images_dali.as_tensor())
         return view[:rows].to(self.dtype, copy=True)
 
-    def _iterate(self, epoch: int, start_batch: int):
-        dataset, batches = self._sample_plan(epoch)
-        batches = batches[start_batch:]
-        if not batches:
-            return
+    def _load(self, dataset: _ShardDataset, batches: list[list[int]]):
         on_cpu = self.device.type == "cpu"
         with TokenizeWorker(self.tokenize, pin=not on_cpu and torch.cuda.is_available()) as tokens:
             pipe = self._pipeline_for(dataset, batches, tokens)
