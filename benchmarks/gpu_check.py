@@ -1,4 +1,4 @@
-"""One-command GPU acceptance run: every GPU number the README promises, within a wall budget.
+"""One-command GPU acceptance run: every GPU number the docs promise, within a wall budget.
 
     python3 benchmarks/gpu_check.py --wheels .whl --out "$OUT"     # on the GPU machine
     python3 benchmarks/gpu_check.py --dry-run                      # anywhere: imports, GPU-test

@@ -33,8 +33,8 @@
 
 // GCC (12 here) if-converts the selects of the element formula (the exp clamps, the
 // sign of y, the sigmoid branch) only without -ftrapping-math: with it, the loop stays
-// scalar and the AVX2/baseline variants ran 11x slower than AVX-512 (6.7 vs 0.6 ms a
-// 1024 x 1024 tile). Scoped to this file's kernels; values are unchanged (no
+// scalar and the AVX2/baseline variants run about an order of magnitude slower than
+// AVX-512. Scoped to this file's kernels; values are unchanged (no
 // reassociation, only FP exception flags become unobservable). Inside this region, no
 // std:: math (e.g. std::fabs): GCC does not inline a function compiled with other
 // optimisation options, and the call would keep the loop scalar; builtins instead.

@@ -1,6 +1,6 @@
 """clip_fast.train's command line against open_clip's (read from the installed
-open_clip_train.params at test time, so a new upstream flag shows up here), the README's
-flag table, bad command lines, and the learning-rate schedules vs open_clip's scheduler."""
+open_clip_train.params at test time, so a new upstream flag shows up here), the flag table
+of docs/training.md, bad command lines, and the learning-rate schedules vs open_clip's scheduler."""
 from __future__ import annotations
 
 import argparse
@@ -15,7 +15,7 @@ from clip_fast.train import config as C
 from clip_fast.train import main
 from clip_fast.train.setup import learning_rate
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+FLAG_TABLE = Path(__file__).resolve().parents[1] / "docs" / "training.md"
 
 
 def open_clip_flags() -> dict[str, argparse.Action]:
@@ -37,14 +37,14 @@ def open_clip_flags() -> dict[str, argparse.Action]:
     return {a.option_strings[0]: a for a in captured["parser"]._actions if a.option_strings[0] != "-h"}
 
 
-def test_every_open_clip_flag_is_handled_and_in_the_readme():
+def test_every_open_clip_flag_is_handled_and_in_the_flag_table():
     flags = open_clip_flags()
     assert len(flags) >= 83
     status = C.open_clip_flag_status()
-    table = dict(re.findall(r"^\| `(--[a-z0-9-]+)` \| ([a-z ]+?)[:|]", README.read_text(), flags=re.M))
+    table = dict(re.findall(r"^\| `(--[a-z0-9-]+)` \| ([a-z ]+?)[:|]", FLAG_TABLE.read_text(), flags=re.M))
     for flag in flags:
         assert flag in status, f"{flag}: open_clip flag unknown to clip_fast's parser"
-        assert flag in table, f"{flag}: missing from the README's flag table"
+        assert flag in table, f"{flag}: missing from the flag table of {FLAG_TABLE}"
         assert table[flag].strip() == status[flag].split(":")[0], (flag, table[flag], status[flag])
 
 

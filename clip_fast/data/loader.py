@@ -188,9 +188,9 @@ class _Normalizer:
     """Writes CLIP-normalised images into `out` (B, 3, S, S) one at a time, on CPU.
 
     Per image, the uint8 -> fp32 conversion and the multiply-add run on a (3, S, S) tile
-    that stays in cache (600 KB at 224 px), and the batch-sized output is written once.
-    Measured at 224 px: 0.36 ms per image against 1.1 ms for the batched permute / float /
-    addcmul / contiguous chain, which makes several passes over the whole batch.
+    that stays in cache (600 KB at 224 px), and the batch-sized output is written once,
+    instead of a batched permute / float / addcmul / contiguous chain that makes several
+    passes over the whole batch (several times slower; docs/benchmarks.md).
     """
 
     def __init__(self, out: torch.Tensor) -> None:
@@ -264,9 +264,9 @@ def resize_uint8(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
     """uint8 (h, w, 3) -> uint8 (height, width, 3), Pillow's bicubic (a = -0.5, antialiased).
 
     torch's uint8 antialiased kernels (AVX2, fixed-point like Pillow's) reproduce
-    `PIL.Image.resize(..., BICUBIC)`: measured 0.004/255 mean, 2/255 max difference on
-    the benchmark images, at ~0.3 ms per 400x300 -> 224 image (Pillow 1.2 ms, DALI's
-    CPU resampler 3.1 ms).
+    `PIL.Image.resize(..., BICUBIC)` to 0.004/255 mean, 2/255 max difference on the
+    benchmark images, several times faster than Pillow and than DALI's CPU resampler
+    (docs/benchmarks.md).
     """
     x = image.permute(2, 0, 1)[None]  # (1, 3, h, w), channels-last strides: the fast path
     y = torch.nn.functional.interpolate(x, size=(height, width), mode="bicubic", antialias=True)
@@ -565,10 +565,10 @@ class DaliShardLoader(ShardLoader):
     GPU: crop, resize and normalise run inside DALI too. CPU: DALI decodes (for training
     only the crop window: ROI decode), and the resample to S x S and the normalisation run
     in torch on the iterating thread, overlapped with DALI's threads decoding the next
-    batches. DALI's CPU resampler costs ~3.1 ms per 400x300 -> 224 bicubic antialiased
-    image, 4x its JPEG decode and 10x torch's uint8 kernel with Pillow's filter (see
-    `resize_uint8`), so a pipeline resampling in DALI is slower than PIL DataLoader
-    workers (README "Data" has the per-stage numbers).
+    batches. DALI's CPU resampler costs several times its JPEG decode and about an order
+    of magnitude more than torch's uint8 kernel with Pillow's filter (see `resize_uint8`),
+    so a pipeline resampling in DALI is slower than PIL DataLoader workers
+    (docs/benchmarks.md has the per-stage numbers; docs/design.md §7 the data path).
     """
 
     backend = "dali"
@@ -653,8 +653,8 @@ class DaliShardLoader(ShardLoader):
 
         Each sample is resampled and normalised while it is in cache. torch runs
         single-threaded here: DALI's threads keep the cores busy decoding the next batches,
-        and an OpenMP team whose second thread waits for a busy core made these small ops
-        6x slower (measured on 2 cores).
+        and an OpenMP team whose second thread waits for a busy core makes these small ops
+        several times slower.
         """
         s = self.image_size
         out = torch.empty((k, 3, s, s), dtype=self.dtype)
@@ -845,7 +845,7 @@ def build_loader(
     if device.type == "cpu":
         # The torch path replaces and counts an image that fails to decode at run time
         # (a shard changed after indexing), where DALI stops with an error; DALI's CPU
-        # pipeline is faster (README "Data") and backend="dali" selects it.
+        # pipeline is faster (docs/benchmarks.md) and backend="dali" selects it.
         return TorchShardLoader(*args)
     if not dali_available():
         warn_once("nvidia-dali is not installed: data loading uses the torch/PIL path")

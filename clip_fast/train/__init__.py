@@ -26,9 +26,9 @@ from __future__ import annotations
 import os
 
 # OpenMP threads that spin while waiting stall every parallel region when the CPU is
-# shared (measured on the 2-core CI box under load ~7: 6.3 s per tiny-vit step with
-# spinning, 0.54 s with passive waiting). Must be set before torch loads its OpenMP
-# runtime, i.e. before `import torch` -- true for `python -m clip_fast.train`.
+# shared: a step can take an order of magnitude longer (docs/benchmarks.md has the
+# measurement). Must be set before torch loads its OpenMP runtime, i.e. before
+# `import torch` -- true for `python -m clip_fast.train`.
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 import json  # noqa: E402

@@ -57,7 +57,7 @@ REJECTED: dict[str, tuple[str, dict[str, Any]]] = {
     "--distill-pretrained": ("distillation is not supported", {}),
     "--use-bnb-linear": ("bitsandbytes layers are not supported", {}),
 }
-# Flags accepted for compatibility that change nothing here (documented in the README).
+# Flags accepted for compatibility that change nothing here (documented in docs/training.md).
 NO_EFFECT = {"--cache-dir": "nothing is downloaded", "--wandb-notes": "used with --report-to wandb",
              "--wandb-project-name": "used with --report-to wandb", "--debug": "logs every step"}
 
@@ -86,7 +86,7 @@ def build_parser() -> argparse.ArgumentParser:
     _model_flags(p.add_argument_group("model and fine-tuning (open_clip)"))
     _run_flags(p.add_argument_group("logging, checkpoints, distributed (open_clip)"))
     _clip_fast_flags(p.add_argument_group("clip_fast only"))
-    rejected = p.add_argument_group("open_clip flags clip_fast rejects (see README)")
+    rejected = p.add_argument_group("open_clip flags clip_fast rejects (see docs/training.md)")
     for flag, (_, kwargs) in REJECTED.items():
         rejected.add_argument(flag, help=argparse.SUPPRESS, **kwargs)
     return p
@@ -198,7 +198,7 @@ def _clip_fast_flags(a) -> None:
 def parse_args(argv: Sequence[str] | None = None) -> argparse.Namespace:
     """Parse and validate a command line (ConfigError naming the flag when it is bad)."""
     argv = list(argv) if argv is not None else None
-    if argv and argv[0] == "--":  # `torchrun ... -m clip_fast.train -- --logs DIR` (see README)
+    if argv and argv[0] == "--":  # `torchrun ... -m clip_fast.train -- --logs DIR` (see docs/training.md)
         argv = argv[1:]
     args = build_parser().parse_args(argv)
     check_rejected(args)
@@ -373,7 +373,7 @@ def precision_mode(args: argparse.Namespace, device_type: str) -> str:
 
 
 def open_clip_flag_status() -> dict[str, str]:
-    """flag -> 'accepted', 'no effect: ...' or 'rejected: ...' for the README's table."""
+    """flag -> 'accepted', 'no effect: ...' or 'rejected: ...' for the flag table of docs/training.md."""
     parser = build_parser()
     status = {}
     for action in parser._actions:
