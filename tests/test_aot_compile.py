@@ -24,6 +24,7 @@ def test_contrastive_aot_covers_every_configuration_its_launchers_pick():
 
     import torch
 
+    from clip_fast import aot_signatures
     from clip_fast.kernels import contrastive
 
     names = {c.name for c in CONFIGS}
@@ -33,6 +34,6 @@ def test_contrastive_aot_covers_every_configuration_its_launchers_pick():
         if (aligned and dim % 16) or (kind == "strip" and dtype == torch.float32):
             continue
         cfg = contrastive.block_config(dtype, dim, kind, aligned)
-        for mode in contrastive._kernel_modes(kind):
-            name = contrastive._aot_config(kind, dtype, cfg, mode, aligned).name
+        for mode in aot_signatures.contrastive_modes(kind):
+            name = aot_signatures.contrastive_config(kind, dtype, cfg, mode, aligned).name
             assert name in names, f"{name} (D={dim}) is never compiled ahead of time"
