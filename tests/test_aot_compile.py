@@ -1,6 +1,6 @@
 """Every Triton kernel configuration compiles for sm_80 and sm_90 within the hardware's
 limits: shared memory, no spills (LOCAL:0), tensor-core instructions where it multiplies
-matrices. Runs without a GPU (DESIGN.md §7, rung 4)."""
+matrices. Runs without a GPU (docs/verification.md, rung 4)."""
 import pytest
 
 from clip_fast.aot import ARCHS, all_configs, compile_config

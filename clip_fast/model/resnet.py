@@ -40,6 +40,9 @@ def _batchnorm_stats_frozen(module: nn.Module):
 
 
 class Bottleneck(nn.Module):
+    """1x1, 3x3, 1x1 convolutions with a residual: (B, inplanes, H, W) -> (B, 4 planes,
+    H/stride, W/stride)."""
+
     expansion = 4
 
     def __init__(self, inplanes: int, planes: int, stride: int = 1):
@@ -61,9 +64,9 @@ class Bottleneck(nn.Module):
             ]))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = F.relu(self.bn1(self.conv1(x)), inplace=True)
+        out = F.relu(self.bn1(self.conv1(x)), inplace=True)  # (B, planes, H, W)
         out = F.relu(self.bn2(self.conv2(out)), inplace=True)
-        out = self.bn3(self.conv3(self.avgpool(out)))
+        out = self.bn3(self.conv3(self.avgpool(out)))  # (B, 4 planes, H/stride, W/stride)
         identity = x if self.downsample is None else self.downsample(x)
         return F.relu(out + identity, inplace=True)
 

@@ -24,6 +24,8 @@ from clip_fast.model.config import VisionConfig
 
 
 class QuickGELU(nn.Module):
+    """x * sigmoid(1.702 x), the GELU approximation OpenAI's models were trained with."""
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x * torch.sigmoid(1.702 * x)
 
@@ -67,6 +69,8 @@ class SelfAttention(nn.Module):
 
 
 class ResidualAttentionBlock(nn.Module):
+    """Pre-LayerNorm block: x + attn(ln_1(x)), then + mlp(ln_2(x)) (OpenAI's names)."""
+
     def __init__(self, width: int, heads: int, mlp_ratio: float, act: type[nn.Module]):
         super().__init__()
         hidden = round(width * mlp_ratio)
@@ -88,6 +92,8 @@ class ResidualAttentionBlock(nn.Module):
 
 
 class Transformer(nn.Module):
+    """`layers` residual attention blocks of one width, optionally checkpointed per block."""
+
     def __init__(self, width: int, layers: int, heads: int, mlp_ratio: float, act: type[nn.Module]):
         super().__init__()
         self.width = width
@@ -111,6 +117,10 @@ class Transformer(nn.Module):
 
 
 class VisionTransformer(nn.Module):
+    """ViT image tower: (B, 3, S, S) -> (B, output_dim). Patches of P x P pixels -> tokens
+    (B, (S/P)^2, C), a class token in front, ln_pre, the Transformer, ln_post and the
+    projection of the class token's output."""
+
     def __init__(self, cfg: VisionConfig, output_dim: int, act: type[nn.Module]):
         super().__init__()
         width, self.patch_size, self.image_size = cfg.width, cfg.patch_size, cfg.image_size
