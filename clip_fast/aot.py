@@ -10,43 +10,24 @@ ships inside triton. This is rung 4 of the verification ladder (docs/verificatio
 - tensor-core instructions in the PTX of kernels that multiply matrices
   (`wgmma` on sm_90, `mma.sync` on sm_80).
 
-Every module of `clip_fast.kernels` that defines `aot_configs() -> list[KernelConfig]`
-(the configurations its launcher can pick) is found and compiled. `python -m clip_fast.aot` prints the
-compile report of all of them.
+clip_fast.aot_signatures lists the configurations each kernel's launchers can pick
+(`all_configs`); this module compiles them. `python -m clip_fast.aot` prints the compile
+report of all of them. Development tooling: no runtime module imports it.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
-import importlib
 import os
-import pkgutil
 import re
 import subprocess
 import tempfile
-from typing import Any, Callable
+
+from clip_fast.aot_signatures import KernelConfig, all_configs
 
 # Largest dynamic shared memory one block may use (bytes), by compute capability.
 SHARED_MEMORY_LIMIT = {80: 166_912, 90: 232_448}
 ARCHS = (80, 90)
-
-
-@dataclasses.dataclass(frozen=True)
-class KernelConfig:
-    """One compilable configuration of a Triton kernel."""
-
-    name: str  # unique id, e.g. "contrastive_fwd[bf16,D=512]"
-    fn: Any  # the @triton.jit function
-    signature: dict[str, str]  # every argument -> "*bf16", "i32", "fp32", ... or "constexpr"
-    constexprs: dict[str, Any]  # values of the constexpr arguments
-    num_warps: int = 4
-    num_stages: int = 3
-    enable_fp_fusion: bool = True  # Triton's default; False where the launcher passes it
-    uses_tensor_cores: bool = False  # True for kernels built around tl.dot
-    # Arguments the compiler may assume divisible by 16 (pointers: 16-byte aligned). At
-    # run time Triton specialises on exactly this for aligned tensors and integers that
-    # are multiples of 16, so listing them compiles the variant a typical call runs.
-    aligned: tuple[str, ...] = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -134,25 +115,6 @@ def compile_config(config: KernelConfig, arch: int) -> CompileReport:
         has_mma=re.search(r"\bmma\.sync", ptx) is not None,
         has_wgmma=re.search(r"\bwgmma\.mma_async", ptx) is not None,
     )
-
-
-def kernel_modules() -> list[str]:
-    import clip_fast.kernels
-
-    return sorted(f"clip_fast.kernels.{m.name}" for m in pkgutil.iter_modules(clip_fast.kernels.__path__))
-
-
-def all_configs() -> list[KernelConfig]:
-    configs: list[KernelConfig] = []
-    for module_name in kernel_modules():
-        module = importlib.import_module(module_name)
-        if hasattr(module, "aot_configs"):
-            configs.extend(module.aot_configs())
-    names = [c.name for c in configs]
-    duplicated = {n for n in names if names.count(n) > 1}
-    if duplicated:
-        raise ValueError(f"duplicate kernel configuration names: {sorted(duplicated)}")
-    return configs
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -301,7 +301,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _run(args: argparse.Namespace) -> int:
-    from clip_fast.model.model import from_checkpoint, read_checkpoint
+    from clip_fast.model.loading import from_checkpoint, read_checkpoint
 
     templates: list[str] = list(args.templates or [])
     if args.templates_file:

@@ -28,11 +28,9 @@ import torch
 import triton
 import triton.language as tl
 
-from clip_fast.aot import KernelConfig
-
 BLOCK = 1024  # elements per program (must be even: Philox pairs)
 NUM_WARPS = 4
-# Compile options of every launch below, also used by the AOT check (aot_configs).
+# Compile options of every launch below, also used by the AOT check (clip_fast.aot_signatures).
 LAUNCH_OPTIONS = dict(num_warps=NUM_WARPS, num_stages=3)
 ADAMW_LAUNCH_OPTIONS = dict(LAUNCH_OPTIONS, enable_fp_fusion=False)  # no FMA contraction: bit-exact
 META_COLS = tl.constexpr(9)  # p, g, m, r, rand, numel, key, step_size bits, inv_sqrt_bc2 bits
@@ -382,63 +380,3 @@ def stochastic_round(x: torch.Tensor, key: int, rand: torch.Tensor | None = None
                 **LAUNCH_OPTIONS,
             )
     return y
-
-
-# --------------------------------------------------------------------------------------
-# Ahead-of-time compile configurations (clip_fast.aot)
-# --------------------------------------------------------------------------------------
-_ADAMW_SIGNATURE = {
-    "meta_ptr": "*i64",
-    "blocks_ptr": "*i32",
-    "exp_in_ptr": "*i32",
-    "amax_in_ptr": "*fp32",
-    "exp_out_ptr": "*i32",
-    "amax_out_ptr": "*fp32",
-    "count_ptr": "*i32",
-    "beta1": "fp32",
-    "one_minus_beta1": "fp32",
-    "beta2": "fp32",
-    "one_minus_beta2": "fp32",
-    "decay": "fp32",
-    "eps": "fp32",
-    "P_KIND": "constexpr",
-    "G_KIND": "constexpr",
-    "S_KIND": "constexpr",
-    "SR": "constexpr",
-    "EXPLICIT": "constexpr",
-    "BLOCK": "constexpr",
-}
-# torch's allocations are 16-byte aligned, so a launch specialises every pointer on it.
-_ADAMW_POINTERS = tuple(name for name, kind in _ADAMW_SIGNATURE.items() if kind.startswith("*"))
-_NAMES = {0: "fp32", 1: "bf16", 2: "fp16"}
-
-
-def aot_configs() -> list[KernelConfig]:
-    """The launcher's production configurations (EXPLICIT=True is a test-only path)."""
-    combos = [  # (param, grad, state, SR)
-        (1, 1, 1, True),  # the default: bf16 weights, grads and moments, 6 bytes/param
-        (1, 1, 2, True),
-        (1, 1, 0, True),
-        (1, 1, 1, False),
-        (0, 0, 0, False),
-        (2, 2, 2, True),
-    ]
-    configs = []
-    for pk, gk, sk, sr in combos:
-        name = f"adamw_sr[p={_NAMES[pk]},g={_NAMES[gk]},m={_NAMES[sk]},{'sr' if sr else 'rne'}]"
-        constexprs = dict(P_KIND=pk, G_KIND=gk, S_KIND=sk, SR=sr, EXPLICIT=False, BLOCK=BLOCK)
-        configs.append(
-            KernelConfig(name, _adamw_kernel, _ADAMW_SIGNATURE, constexprs, aligned=_ADAMW_POINTERS, **ADAMW_LAUNCH_OPTIONS)
-        )
-    configs.append(
-        KernelConfig(
-            "stochastic_round_bf16",
-            _stochastic_round_kernel,
-            {"x_ptr": "*fp32", "y_ptr": "*i16", "rand_ptr": "*i32", "key": "i64", "numel": "i64",
-             "EXPLICIT": "constexpr", "BLOCK": "constexpr"},
-            dict(EXPLICIT=False, BLOCK=BLOCK),
-            aligned=("x_ptr", "y_ptr", "rand_ptr"),
-            **LAUNCH_OPTIONS,
-        )
-    )
-    return configs

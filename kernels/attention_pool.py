@@ -45,7 +45,6 @@ import torch
 import triton
 import triton.language as tl
 
-from clip_fast.aot import KernelConfig
 from clip_fast.kernels.common import dot, on_device
 
 LOG2E = tl.constexpr(1.4426950408889634)
@@ -244,7 +243,7 @@ def block_config(dtype: torch.dtype, hw: int, heads: int, kernel: str) -> dict:
     so the L-major dots fill a Hopper warpgroup MMA (wgmma's M is 64). The score
     kernels keep BLOCK_L x BLOCK_H fp32 tiles in registers (S; S and dP in the
     backward), so BLOCK_H and the C chunk shrink as BLOCK_L grows; every choice below
-    compiles without register spills for sm_80 and sm_90 (see aot_configs).
+    compiles without register spills for sm_80 and sm_90 (see clip_fast.aot_signatures).
     """
     if kernel not in KERNELS:
         raise ValueError(f"kernel must be one of {KERNELS}, got {kernel!r}")
@@ -340,50 +339,3 @@ def attention_pool_backward(
         x, t0, pos, u, dz, probs, dscores, dtok, du, hw, c, heads, *strides,
     )
     return dtok, du
-
-
-# (hw, heads) of the feature maps the launchers meet: the tiny test/demo model (2x2, 2
-# heads), RN50/RN101 (7x7, 32), RN50x4 (9x9, 40), RN50x16 (12x12, 48), RN50x64 (14x14, 64).
-AOT_SHAPES = {"tiny": (4, 2), "RN50": (49, 32), "RN50x4": (81, 40), "RN50x16": (144, 48), "RN50x64": (196, 64)}
-
-_SIGNATURES = {
-    "fwd": ("x_ptr", "t0_ptr", "pos_ptr", "u_ptr", "z_ptr", "lse_ptr:fp32", "HW", "C", "H", "stride_xn",
-            "stride_xl", "stride_xc", "stride_t0n", "stride_posl", "stride_un", "stride_uh", "stride_zn",
-            "stride_zh"),
-    "bwd_scores": ("x_ptr", "t0_ptr", "pos_ptr", "u_ptr", "lse_ptr:fp32", "dz_ptr", "p_ptr", "ds_ptr", "HW", "C",
-                   "H", "stride_xn", "stride_xl", "stride_xc", "stride_t0n", "stride_posl", "stride_un",
-                   "stride_uh", "stride_dzn", "stride_dzh"),
-    "bwd_tokens": ("x_ptr", "t0_ptr", "pos_ptr", "u_ptr", "dz_ptr", "p_ptr", "ds_ptr", "dtok_ptr:fp32",
-                   "du_ptr:fp32", "HW", "C", "H", "stride_xn", "stride_xl", "stride_xc", "stride_t0n",
-                   "stride_posl", "stride_un", "stride_uh", "stride_dzn", "stride_dzh"),
-}
-
-
-def _signature(kernel: str, tl_dtype: str) -> dict[str, str]:
-    sig = {}
-    for arg in _SIGNATURES[kernel]:
-        name, _, fixed = arg.partition(":")
-        sig[name] = f"*{fixed}" if fixed else (f"*{tl_dtype}" if name.endswith("_ptr") else "i32")
-    return {**sig, "BLOCK_L": "constexpr", "BLOCK_H": "constexpr", "BLOCK_C": "constexpr",
-            "INPUT_PRECISION": "constexpr", "WIDEN": "constexpr"}
-
-
-def aot_configs() -> list[KernelConfig]:
-    """Every distinct configuration the launchers pick for the CLIP ResNets in bf16
-    (fp16 shares the code path and the tiles) and for RN50 in fp32."""
-    fns = {"fwd": _attention_pool_fwd_kernel, "bwd_scores": _attention_pool_bwd_scores_kernel,
-           "bwd_tokens": _attention_pool_bwd_tokens_kernel}
-    configs: dict[str, KernelConfig] = {}
-    cases = [(torch.bfloat16, shape) for shape in AOT_SHAPES.values()] + [(torch.float32, AOT_SHAPES["RN50"])]
-    for dtype, (hw, heads) in cases:
-        tl_dtype = _TL_DTYPE[dtype]
-        for kernel, fn in fns.items():
-            cfg = block_config(dtype, hw, heads, kernel)
-            name = f"attention_pool_{kernel}[{tl_dtype},L={cfg['BLOCK_L']},H={cfg['BLOCK_H']},C={cfg['BLOCK_C']}]"
-            configs[name] = KernelConfig(
-                name=name, fn=fn, signature=_signature(kernel, tl_dtype),
-                constexprs=dict(BLOCK_L=cfg["BLOCK_L"], BLOCK_H=cfg["BLOCK_H"], BLOCK_C=cfg["BLOCK_C"],
-                                INPUT_PRECISION=_input_precision(dtype), WIDEN=False),
-                num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], uses_tensor_cores=True,
-            )
-    return list(configs.values())

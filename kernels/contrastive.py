@@ -40,13 +40,11 @@ unnormalised feature can push S far beyond exp's fp32 range (~88.7).
 from __future__ import annotations
 
 import functools
-import itertools
 
 import torch
 import triton
 import triton.language as tl
 
-from clip_fast.aot import KernelConfig
 from clip_fast.kernels.common import dot, on_device
 
 LOG2E = 1.4426950408889634
@@ -370,7 +368,7 @@ def is_aligned(a: torch.Tensor, b: torch.Tensor) -> bool:
 
 def strip_is_aligned(a: torch.Tensor, b: torch.Tensor) -> bool:
     """`is_aligned` for the strip kernel, which also writes (R, N) workspace rows: N a
-    multiple of 16 too. Exactly the hints `aot_configs` compiles the aligned (128 x 128)
+    multiple of 16 too. Exactly the hints clip_fast.aot_signatures compiles the aligned (128 x 128)
     strip variant with; any other call gets the small unaligned tiles."""
     return is_aligned(a, b) and b.shape[0] % 16 == 0
 
@@ -672,86 +670,3 @@ def _grad_backward_strips(
         g_dots.append(g_dot)
     inv = 1.0 / p_scale
     return grad_a.mul_(inv), grad_b.mul_(inv), torch.cat(g_dots).sum()
-
-
-# ----------------------------------------------------------------------------- AOT
-
-
-# Arguments Triton specialises as divisible by 16 at run time. Always: fresh
-# allocations (the workspace planes too: R * N entries apart, R a multiple of 64) and
-# cols_per_split (a multiple of BLOCK_N). In aligned calls (`is_aligned`;
-# `strip_is_aligned` for the strip kernel) also the features, D and the row strides
-# (and N for the strip kernel). M and N are left out
-# elsewhere: batch sizes need not be multiples of 16, and the variant with fewer hints
-# is the one with more register pressure.
-_ALWAYS_ALIGNED = {
-    "fwd": ("row_part_ptr", "col_part_ptr", "cols_per_split"),
-    "bwd": ("grad_a_ptr", "grad_b_ptr", "cols_per_split"),
-    "strip": ("g_ptr", "g_col_ptr"),
-}
-_ALIGNED_CALL = {
-    "fwd": ("a_ptr", "b_ptr", "D", "stride_am", "stride_bn"),
-    "bwd": ("a_ptr", "b_ptr", "D", "stride_am", "stride_bn"),
-    "strip": ("a_ptr", "b_ptr", "D", "stride_am", "stride_bn", "N"),
-}
-_KERNELS = {"fwd": _lse_forward_kernel, "bwd": _grad_backward_kernel, "strip": _grad_strip_kernel}
-# feature pointers and the strip workspace are in the input dtype; every other pointer is fp32
-_INPUT_DTYPE_ARGS = ("a_ptr", "b_ptr", "g_ptr", "g_col_ptr")
-# feature widths covering every K/D chunk class of block_config (powers of two, tails)
-_AOT_DIMS = (1, 16, 17, 32, 33, 64, 65, 4096)
-
-
-def _signature(kind: str, tl_dtype: str) -> dict[str, str]:
-    signature = {}
-    for param in _KERNELS[kind].params:
-        if param.is_constexpr:
-            signature[param.name] = "constexpr"
-        elif param.name.endswith("_ptr"):
-            signature[param.name] = f"*{tl_dtype}" if param.name in _INPUT_DTYPE_ARGS else "*fp32"
-        else:
-            signature[param.name] = "fp32" if param.name == "p_scale" else "i32"
-    return signature
-
-
-def _kernel_modes(kind: str) -> list[dict]:
-    """The constexpr modes a launcher can pass to `kind`'s kernel, enumerated through the
-    launchers' own choices: the strip and fused backward take `split` as given, and the
-    fused one computes grad_b by atomics unless deterministic."""
-    if kind == "fwd":
-        return [{}]
-    if kind == "strip":
-        return [dict(SPLIT=split) for split in (False, True)]
-    return [dict(COMPUTE_GRAD_B=not det, SPLIT=split) for det in (False, True) for split in (False, True)]
-
-
-def _aot_config(kind: str, dtype: torch.dtype, cfg: dict, mode: dict, aligned: bool) -> KernelConfig:
-    tl_dtype = _TL_DTYPE[dtype]
-    tiles = {k: v for k, v in cfg.items() if k.startswith("BLOCK_")}
-    label = ",".join(
-        [tl_dtype] + [f"{k[6:]}={v}" for k, v in tiles.items()] + [f"{k}={int(v)}" for k, v in mode.items()]
-        + (["aligned"] if aligned else [])
-    )
-    return KernelConfig(
-        name=f"contrastive_{kind}[{label}]",
-        fn=_KERNELS[kind],
-        signature=_signature(kind, tl_dtype),
-        constexprs=dict(HAS_BIAS=True, **mode, **tiles, INPUT_PRECISION=_input_precision(dtype), WIDEN=False),
-        num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], uses_tensor_cores=True,
-        aligned=_ALWAYS_ALIGNED[kind] + (_ALIGNED_CALL[kind] if aligned else ()),
-    )
-
-
-def aot_configs() -> list[KernelConfig]:
-    """Every configuration the launchers above can pick, enumerated through their own
-    config functions: kernel x dtype x `block_config` over every feature-width class x
-    generic or 16-aligned call (the form a typical call, e.g. D = 512..1280, is
-    specialised to at run time, with its larger tiles) x the launchers' modes."""
-    configs: dict[str, KernelConfig] = {}
-    for kind, dtype, dim, aligned in itertools.product(_KERNELS, _TL_DTYPE, _AOT_DIMS, (False, True)):
-        if (aligned and dim % 16) or (kind == "strip" and dtype == torch.float32):
-            continue
-        cfg = block_config(dtype, dim, kind, aligned)
-        for mode in _kernel_modes(kind):
-            config = _aot_config(kind, dtype, cfg, mode, aligned)
-            configs[config.name] = config
-    return list(configs.values())

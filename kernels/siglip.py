@@ -173,7 +173,6 @@ _CONFIGS = {
     torch.float16: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=32, num_warps=8, num_stages=2, precision="tf32"),
     torch.float32: dict(BLOCK_M=64, BLOCK_N=64, BLOCK_K=16, num_warps=8, num_stages=2, precision="tf32x3"),
 }
-_TRITON_DTYPE = {torch.bfloat16: "bf16", torch.float16: "fp16", torch.float32: "fp32"}
 
 
 def _num_sms(device: torch.device) -> int:
@@ -236,27 +235,3 @@ def siglip_block(
             num_warps=cfg["num_warps"], num_stages=cfg["num_stages"],
         )
     return partials.sum(0)
-
-
-def aot_configs():
-    """Every configuration the launcher can pick (one per operand dtype)."""
-    from clip_fast.aot import KernelConfig
-
-    configs = []
-    for dtype, cfg in _CONFIGS.items():
-        t = _TRITON_DTYPE[dtype]
-        signature = {
-            "I": f"*{t}", "T": f"*{t}", "params": "*fp32", "dI": "*fp32", "dT": "*fp32", "partials": "*fp32",
-            "M": "i32", "N": "i32", "D": "i32",
-            "stride_i": "i32", "stride_t": "i32", "stride_di": "i32", "stride_dt": "i32",
-            "cols_per_prog": "i32", "has_pos": "i32", "inv_n": "fp32",
-            "BLOCK_M": "constexpr", "BLOCK_N": "constexpr", "BLOCK_K": "constexpr", "INPUT_PRECISION": "constexpr",
-            "UPCAST_DOT": "constexpr",
-        }
-        constexprs = {"BLOCK_M": cfg["BLOCK_M"], "BLOCK_N": cfg["BLOCK_N"], "BLOCK_K": cfg["BLOCK_K"],
-                      "INPUT_PRECISION": cfg["precision"], "UPCAST_DOT": False}
-        configs.append(KernelConfig(
-            name=f"siglip_fused[{t}]", fn=siglip_fused_kernel, signature=signature, constexprs=constexprs,
-            num_warps=cfg["num_warps"], num_stages=cfg["num_stages"], uses_tensor_cores=True,
-        ))
-    return configs

@@ -14,7 +14,9 @@ from open_clip.loss import ClipLoss
 
 import clip_fast.model as cm
 from clip_fast.model import backends
-from clip_fast.model.model import Bottleneck, ResidualAttentionBlock, _length_buckets
+from clip_fast.model.clip import _length_buckets
+from clip_fast.model.resnet import Bottleneck
+from clip_fast.model.transformer import ResidualAttentionBlock
 
 TOKENIZE = open_clip.get_tokenizer("ViT-B-32")
 # Captions of very different lengths (3 to 60+ tokens): the batch is cut to the longest.

@@ -148,7 +148,7 @@ def prepare_tokens(tokens: torch.Tensor, pin: bool) -> torch.Tensor:
     """Tokens as the model takes them: cut on the CPU to the batch's longest caption rounded
     up to a multiple of 16 (`clip_fast.model.trim_tokens`; the text tower reads no token
     value on the host), contiguous, in pinned memory when `pin` (asynchronous transfer)."""
-    from clip_fast.model.model import trim_tokens
+    from clip_fast.model.clip import trim_tokens
 
     tokens = trim_tokens(tokens)
     return tokens.pin_memory() if pin else tokens.contiguous()

@@ -7,23 +7,16 @@
 """
 from clip_fast.model.attention_pool import AttentionPool2d, attention_pool_reference
 from clip_fast.model.backends import attention_backend, set_attention_backend
-from clip_fast.model.model import (
-    CLIP,
-    CONFIGS,
-    CLIPConfig,
-    TextConfig,
-    VisionConfig,
+from clip_fast.model.clip import CLIP, text_length_for, trim_tokens
+from clip_fast.model.config import CONFIGS, CLIPConfig, TextConfig, VisionConfig, get_config, list_models
+from clip_fast.model.loading import (
     config_from_state_dict,
     create,
     from_checkpoint,
     from_state_dict,
-    get_config,
-    list_models,
     load,
     load_weights,
     read_checkpoint,
-    text_length_for,
-    trim_tokens,
 )
 
 __all__ = [
