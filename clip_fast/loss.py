@@ -112,7 +112,7 @@ def _cpu_kernels(*tensors: torch.Tensor):
 # Each block function runs the C++ kernel when _cpu_kernels allows (one read of the block
 # for the maxima and one for exp with both sums forward, one read + write backward,
 # instead of ~6 and ~4 torch passes), else the torch function it mirrors: same shift
-# rule, same results up to fp32 rounding (tests/test_loss_cpu_kernels.py).
+# rule, same results up to fp32 rounding (tests/losses/test_contrastive_cpu_kernels.py).
 
 
 def _block_lse(logits: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,8 +1,8 @@
 // Which x86 instruction-set variant the CPU kernels run: the best the processor supports,
 // capped by the environment variable CLIP_FAST_CPU_ISA (auto | avx512 | avx2 | baseline),
 // read once when the extension loads. The cap exists so one AVX-512 machine can test
-// every variant (tests/test_cpu_isa_variants.py); it never raises the ISA above what
-// the processor has.
+// every variant (tests/kernels/test_cpu_isa_variants.py); it never raises the ISA above
+// what the processor has.
 #pragma once
 
 #include <cstdlib>

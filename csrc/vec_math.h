@@ -35,8 +35,8 @@ CF_INLINE float bits_f32(uint32_t u) {
   return x;
 }
 
-// e^x in fp32, max error ~1 ulp (tests/test_loss_cpu_kernels.py measures it against fp64
-// over normal, subnormal and overflow ranges). -inf -> 0, +inf -> inf, NaN -> NaN.
+// e^x in fp32, max error ~1 ulp (tests/losses/test_contrastive_cpu_kernels.py measures it
+// against fp64 over normal, subnormal and overflow ranges). -inf -> 0, +inf -> inf, NaN -> NaN.
 // Cody-Waite reduction by ln2, Cephes polynomial, 2^n built from bits in two factors so
 // subnormal results round once.
 CF_INLINE float exp_f32(float x) {

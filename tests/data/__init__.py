@@ -1,0 +1,1 @@
+"""Data: shards, loaders (torch and DALI), csv, source strings, tokenizer, faults."""

@@ -1,0 +1,1 @@
+"""Triton kernels under the interpreter (collected only with TRITON_INTERPRET=1)."""

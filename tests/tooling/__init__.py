@@ -1,0 +1,1 @@
+"""Project tooling: the GPU check driver, the host-synchronisation audit, packaging."""
