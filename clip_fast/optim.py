@@ -58,7 +58,7 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from clip_fast import _backend
+from clip_fast._backend import ADAMW, STOCHASTIC_ROUND, select_backend
 
 __all__ = ["AdamW", "param_groups", "stochastic_round"]
 
@@ -315,22 +315,14 @@ def stochastic_round(x: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     key = stream_key(_new_seed() if seed is None else seed)
     src = x.contiguous()
-    if _backend.use_triton(src):
+    backend = select_backend(STOCHASTIC_ROUND, src)
+    if backend == "triton":
         from clip_fast.kernels import adamw as kernels
 
         return kernels.stochastic_round(src, key)
-    if src.device.type == "cpu" and _backend.requested_backend() != "torch":
-        ext = _load_ext()
-        if ext is not None:
-            return ext.stochastic_round_bf16(src, key)
+    if backend == "cpp":
+        return torch.ops.clip_fast.stochastic_round_bf16(src, key)
     return torch_stochastic_round(src, key)
-
-
-def _load_ext():
-    """torch.ops.clip_fast (csrc/adamw_sr.cpp's ops) once the C++ extension is loaded, else None."""
-    from clip_fast._ext import load_extension
-
-    return None if load_extension() is None else torch.ops.clip_fast
 
 
 # Substrings of parameter names that never get weight decay (CLIP / open_clip convention:
@@ -571,8 +563,8 @@ class AdamW(torch.optim.Optimizer):
                 gdtype = grad.dtype if grad.dtype in (p.dtype, torch.float32) else torch.float32
                 key = (p.device, p.dtype, gdtype, state["exp_avg"].dtype)
                 buckets.setdefault(key, []).append((i, p, grad.to(gdtype), state))
-            for (device, _, _, sdtype), items in buckets.items():
-                skipped.append(self._update_bucket(group, items, device, sdtype))
+            for (_, _, _, sdtype), items in buckets.items():
+                skipped.append(self._update_bucket(group, items, sdtype))
         if self.on_nonfinite == "raise":
             total = sum(int(s) for s in skipped)
             if total:
@@ -582,7 +574,7 @@ class AdamW(torch.optim.Optimizer):
                 )
         return loss
 
-    def _update_bucket(self, group, items, device, sdtype) -> torch.Tensor | int:
+    def _update_bucket(self, group, items, sdtype) -> torch.Tensor | int:
         """Updates one (device, dtypes) bucket of a group; returns its non-finite count."""
         lr = float(group["lr"])
         beta1, beta2 = group["betas"]
@@ -598,49 +590,68 @@ class AdamW(torch.optim.Optimizer):
         moments = [{**s, **{k: _memory_order(s[k]) for k in flat}} for s in states]  # same tensors, flat views
         steps = [int(s["step"].item()) for s in states]
         keys = [stream_key(seed, i, t) for (i, _, _, _), t in zip(items, steps)]
-        fp16_state = sdtype == torch.float16
-        if _backend.use_triton(*params):
+        backend = select_backend(ADAMW, *params)
+        if backend == "triton":
             from clip_fast.kernels import adamw as kernels
 
             scalars = [TensorScalars(lr, beta1, beta2, t) for t in steps]
             count = kernels.adamw_step(params, grads, moments, keys, scalars, hyper, sr)
         else:
-            if fp16_state:
-                e_old = [int(s["moment_exp"]) for s in states]
-                e_new = [next_moment_exp(e, float(s["rms_amax"])) for e, s in zip(e_old, states)]
-            else:
-                e_old = e_new = [0] * len(states)
+            e_old, e_new = _moment_exponents(states, sdtype)
             scalars = [TensorScalars(lr, beta1, beta2, t, eo, en) for t, eo, en in zip(steps, e_old, e_new)]
-            ext = _load_ext() if device.type == "cpu" and _backend.requested_backend() != "torch" else None
-            if ext is not None:
-                counts, maxima = ext.adamw_step(
-                    params,
-                    grads,
-                    [s["exp_avg"] for s in moments],
-                    [s["exp_avg_rms"] for s in moments],
-                    [],
-                    keys,
-                    [s.step_size for s in scalars],
-                    [s.inv_sqrt_bc2 for s in scalars],
-                    [s.decode_scale for s in scalars],
-                    [s.encode_scale for s in scalars],
-                    *hyper.args(),
-                    sr,
-                )
-            else:
-                counts, maxima = [], []
-                for p, g, s, k, ts in zip(params, grads, moments, keys, scalars):
-                    words = random_words(k, p.numel(), p.device) if sr else None
-                    c, a = torch_adamw_update(p, g, s["exp_avg"], s["exp_avg_rms"], words, hyper, ts, sr)
-                    counts.append(c)
-                    maxima.append(a)
-            for s, c, a, en in zip(states, counts, maxima, e_new):
-                s["nonfinite_count"] += c
-                if fp16_state:
-                    s["moment_exp"].fill_(en)
-                    s["rms_amax"].fill_(a)
-            count = sum(counts)
+            update = _cpp_update if backend == "cpp" else _torch_update
+            counts, maxima = update(params, grads, moments, keys, scalars, hyper, sr)
+            count = _record_host_step(states, counts, maxima, e_new if sdtype == torch.float16 else None)
         for (_, p, _, _), work in zip(items, params):
             if not _is_dense(p):  # updated in a contiguous copy
                 p.copy_(work.view(p.shape))
         return count
+
+
+def _moment_exponents(states: list[dict[str, Any]], sdtype: torch.dtype) -> tuple[list[int], list[int]]:
+    """(old, new) power-of-two exponents of each tensor's fp16 moments (0 for other
+    state dtypes): the new one from the previous step's largest sqrt(v)."""
+    if sdtype != torch.float16:
+        return [0] * len(states), [0] * len(states)
+    e_old = [int(s["moment_exp"]) for s in states]
+    return e_old, [next_moment_exp(e, float(s["rms_amax"])) for e, s in zip(e_old, states)]
+
+
+def _cpp_update(params, grads, moments, keys, scalars, hyper: Hyper, sr: bool):
+    """One multi-tensor call of the C++ update (csrc/adamw_sr.cpp); (counts, maxima)."""
+    return torch.ops.clip_fast.adamw_step(
+        params,
+        grads,
+        [s["exp_avg"] for s in moments],
+        [s["exp_avg_rms"] for s in moments],
+        [],
+        keys,
+        [s.step_size for s in scalars],
+        [s.inv_sqrt_bc2 for s in scalars],
+        [s.decode_scale for s in scalars],
+        [s.encode_scale for s in scalars],
+        *hyper.args(),
+        sr,
+    )
+
+
+def _torch_update(params, grads, moments, keys, scalars, hyper: Hyper, sr: bool):
+    """The torch reference update, tensor by tensor (torch_adamw_update); (counts, maxima)."""
+    counts, maxima = [], []
+    for p, g, s, k, ts in zip(params, grads, moments, keys, scalars):
+        words = random_words(k, p.numel(), p.device) if sr else None
+        c, a = torch_adamw_update(p, g, s["exp_avg"], s["exp_avg_rms"], words, hyper, ts, sr)
+        counts.append(c)
+        maxima.append(a)
+    return counts, maxima
+
+
+def _record_host_step(states, counts, maxima, e_new: list[int] | None) -> int:
+    """Adds the host update's non-finite counts to the states and, for fp16 moments
+    (e_new given), stores their new exponent and largest sqrt(v); returns the count."""
+    for i, (s, c) in enumerate(zip(states, counts)):
+        s["nonfinite_count"] += c
+        if e_new is not None:
+            s["moment_exp"].fill_(e_new[i])
+            s["rms_amax"].fill_(maxima[i])
+    return sum(counts)
