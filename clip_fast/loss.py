@@ -163,4 +163,4 @@ def reference_clip_loss(
     ) / 2
 
 
-__all__ = ["ContrastiveLoss", "lse_stats", "logit_grads", "reference_clip_loss", "rowwise_dot"]
+__all__ = ["ContrastiveLoss", "reference_clip_loss"]

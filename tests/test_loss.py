@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from clip_fast import ContrastiveLoss
-from clip_fast.loss import lse_stats, logit_grads
+from clip_fast.contrastive_ops import lse_stats, logit_grads
 from loss_reference import assert_matches, blockwise_floor, loss_and_grads, make_inputs, max_err, open_clip_loss, term_magnitudes
 
 SCALE_BIAS_NORM = [
