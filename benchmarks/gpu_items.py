@@ -414,7 +414,7 @@ def item_sharded_shape(res: Result) -> None:
     """The distributed loss's per-rank block (M = 256 local rows, N = 65,536 gathered
     columns): one forward pass and one backward, both backwards, as TFLOP/s."""
     torch = require_cuda()
-    from clip_fast.loss import logit_grads, lse_stats
+    from clip_fast.contrastive_ops import logit_grads, lse_stats
     from conftest import unit_features
 
     env, M, N, D = load_env(), 256, 65536, 512

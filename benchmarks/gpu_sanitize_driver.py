@@ -37,7 +37,7 @@ def _features(m: int, d: int, device: torch.device, dtype: torch.dtype, seed: in
 
 def _contrastive(backward: str, dtype: torch.dtype, m: int, n: int, d: int, **kw) -> Case:
     def case(device: torch.device) -> list[torch.Tensor]:
-        from clip_fast.loss import logit_grads, lse_stats
+        from clip_fast.contrastive_ops import logit_grads, lse_stats
 
         os.environ["CLIP_FAST_CONTRASTIVE_BACKWARD"] = backward
         a, b = _features(m, d, device, dtype, 1), _features(n, d, device, dtype, 2)

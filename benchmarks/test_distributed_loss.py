@@ -66,7 +66,7 @@ def test_sharded_contrastive_rank_work_on_gpu(measure, b, B, D, deterministic):
     collectives are not included). TFLOP/s in extra_info count 4 passes over the block
     (8 * b * B * D; 5 in deterministic mode are still counted as 4, so the rates compare
     as inverse times)."""
-    from clip_fast.loss import logit_grads, lse_stats
+    from clip_fast.contrastive_ops import logit_grads, lse_stats
 
     g = torch.Generator(device="cuda").manual_seed(0)
     image = torch.nn.functional.normalize(torch.randn(b, D, device="cuda", generator=g), dim=-1).bfloat16()

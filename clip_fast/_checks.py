@@ -1,6 +1,6 @@
 """Input handling shared by the losses: checks whose errors name the argument and what
-was expected, scalars as tensors, the empty-batch value, and autocast switched off
-around the losses' own arithmetic."""
+was expected, scalars as tensors, the empty-batch value, the dtype the losses compute
+in, and autocast switched off around the losses' own arithmetic."""
 from __future__ import annotations
 
 import contextlib
@@ -46,6 +46,12 @@ def check_feature_pair(image_features: torch.Tensor, text_features: torch.Tensor
             "image_features and text_features must have the same dtype, got "
             f"{image_features.dtype} and {text_features.dtype}"
         )
+
+
+def compute_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The dtype the losses accumulate in for features of `dtype`: fp64 for fp64 (so
+    gradcheck sees fp64 arithmetic), fp32 for fp32, bf16 and fp16."""
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def as_scalar(value: Union[torch.Tensor, float, None], name: str, like: torch.Tensor) -> Optional[torch.Tensor]:

@@ -21,6 +21,8 @@ import sys
 from pathlib import Path
 from types import ModuleType
 
+from clip_fast._warnings import warn_once
+
 # The flags setup.py uses too. -ffp-contract=off: no fused multiply-add, so the CPU path
 # rounds exactly like the torch and Triton paths (see csrc/adamw_sr.h).
 CFLAGS = ["-O3", "-fopenmp", "-ffp-contract=off", "-fno-math-errno"]
@@ -72,8 +74,6 @@ def _jit_build() -> ModuleType:
 @functools.lru_cache(maxsize=None)
 def load_extension() -> ModuleType | None:
     """The compiled extension module, or None (with a one-time warning) when unavailable."""
-    from clip_fast._backend import warn_once
-
     try:
         from clip_fast import _C  # type: ignore[attr-defined]
 

@@ -4,11 +4,11 @@
 Rank r holds b rows, B = W * b. With the text features gathered from all ranks
 (O(B*D); the image features never leave their rank), rank r works on S_r = s * I_r @ T.T + bias, a (b x B) block that is never stored:
 
-forward   one pass over S_r (clip_fast.loss.lse_stats): row LSE of its b rows (complete,
+forward   one pass over S_r (clip_fast.contrastive_ops.lse_stats): row LSE of its b rows (complete,
           the rows are local) and the column LSE over its b rows; the column LSE over
           all B rows is merged with two all-reduces of B floats (max, then sum of
           exp(partial - max)). The scalar loss terms ride along in the second one.
-backward  one pass recomputing S_r (clip_fast.loss.logit_grads) gives G_r @ T (b x D,
+backward  one pass recomputing S_r (clip_fast.contrastive_ops.logit_grads) gives G_r @ T (b x D,
           the local image gradient) and G_r.T @ I_r (B x D, contributions to every
           rank's text gradient), which a reduce-scatter sums and hands to their owners.
 
@@ -49,7 +49,8 @@ import torch
 import torch.distributed as dist
 
 from clip_fast._checks import autocast_off, empty_batch_loss
-from clip_fast.loss import logit_grads, lse_stats, rowwise_dot
+from clip_fast.collectives import all_gather_rows, check_group, check_same_grad_output, reduce_scatter_rows
+from clip_fast.contrastive_ops import logit_grads, lse_stats, rowwise_dot
 
 
 @dataclasses.dataclass(frozen=True)
@@ -64,73 +65,6 @@ class ShardSpec:
     group: Optional[object] = None
 
 
-def _collective_device(t: torch.Tensor, group) -> torch.device:
-    return t.device if dist.get_backend(group) == "nccl" else torch.device("cpu")
-
-
-# (group, rank, world_size, shape, device type) combinations already checked by check_group
-_CHECKED_GROUPS: set = set()
-
-
-def check_group(features: torch.Tensor, rank: int, world_size: int, group=None) -> None:
-    """The process group matches (rank, world_size) and every rank holds features of
-    the same (b, D); otherwise the same ValueError on every rank (the sizes are
-    all-gathered first, so no rank is left waiting in a later collective).
-
-    Host collectives (gloo: the sizes travel as CPU tensors, reading them syncs no
-    device) check on every call, so a rank whose shape changes alone (an uneven last
-    eval batch) is always caught. Device collectives (NCCL) check once per group and
-    shape, so a training step repeating a checked shape costs no collective and no host
-    sync; there every rank decides the same way as long as the ranks' shapes have agreed
-    so far, and a rank whose shape changes to one only it has not seen is caught only if
-    every rank's shape is new to it."""
-    if not (dist.is_available() and dist.is_initialized()):
-        raise ValueError(f"world_size={world_size} needs an initialised torch.distributed process group")
-    process_group = group if group is not None else dist.group.WORLD
-    key = (process_group, rank, world_size, tuple(features.shape), features.device.type)
-    on_host = _collective_device(features, group).type == "cpu"
-    if key in _CHECKED_GROUPS and not on_host:
-        return
-    if dist.get_world_size(group) != world_size or dist.get_rank(group) != rank:
-        raise ValueError(
-            f"rank={rank}, world_size={world_size} do not match the process group "
-            f"(rank {dist.get_rank(group)} of {dist.get_world_size(group)})"
-        )
-    mine = torch.tensor(list(features.shape), dtype=torch.int64, device=_collective_device(features, group))
-    shapes = [torch.empty_like(mine) for _ in range(world_size)]
-    dist.all_gather(shapes, mine, group=group)
-    shapes = [tuple(s.tolist()) for s in shapes]
-    if len(set(shapes)) != 1:
-        raise ValueError(
-            "image_features/text_features must have the same shape (b, D) on every rank; got "
-            + ", ".join(f"rank {r}: {s}" for r, s in enumerate(shapes))
-        )
-    _CHECKED_GROUPS.add(key)
-
-
-def check_same_grad_output(g_all: torch.Tensor, spec: ShardSpec, shape: torch.Size) -> None:
-    """RuntimeError unless every rank's grad_output (g_all, (W,), the same on every rank)
-    is equal, which local_loss=True with gather_with_grad=True needs. Read on the host
-    (a sync) once per group and shape on a device, like check_group (DDP gives every step
-    the same); CPU tensors are checked on every call (no device to sync)."""
-    key = ("grad_output", spec.group if spec.group is not None else dist.group.WORLD, spec.rank, spec.world_size,
-           tuple(shape), g_all.device.type)
-    if key in _CHECKED_GROUPS and g_all.device.type != "cpu":
-        return
-    if not bool((g_all == g_all[0]).all()):
-        raise RuntimeError(
-            "ContrastiveLoss(local_loss=True, gather_with_grad=True) needs the same grad_output on "
-            f"every rank (as DDP training gives); got {g_all.tolist()}"
-        )
-    _CHECKED_GROUPS.add(key)
-
-
-def _all_gather(x: torch.Tensor, spec: ShardSpec) -> torch.Tensor:
-    out = x.new_empty((spec.world_size * x.shape[0],) + tuple(x.shape[1:]))
-    dist.all_gather_into_tensor(out, x.contiguous(), group=spec.group)
-    return out
-
-
 # Below this many gathered floats, the column statistics are merged from one all-gather
 # of every rank's partials (one collective, W*B floats) instead of a max and a sum
 # all-reduce (two collectives, 2*B floats): collectives of a few MB cost their latency.
@@ -142,7 +76,7 @@ def _merge_column_lse(col_part: torch.Tensor, extra: torch.Tensor, spec: ShardSp
     same numbers on every rank."""
     B = col_part.shape[0]
     if spec.world_size * (B + extra.numel()) <= GATHER_MERGE_LIMIT:
-        gathered = _all_gather(torch.cat([col_part, extra])[None], spec)  # (W, B + k)
+        gathered = all_gather_rows(torch.cat([col_part, extra])[None], spec.world_size, spec.group)  # (W, B+k)
         return torch.logsumexp(gathered[:, :B], dim=0), gathered[:, B:].sum(dim=0)
     col_max = col_part.clone()
     dist.all_reduce(col_max, op=dist.ReduceOp.MAX, group=spec.group)
@@ -165,7 +99,7 @@ class ShardedContrastiveFunction(torch.autograd.Function):
     def _forward(ctx, image, text, scale, bias, spec: ShardSpec):
         b = image.shape[0]
         B = b * spec.world_size
-        text_all = _all_gather(text, spec)  # (B, D); the images never need gathering
+        text_all = all_gather_rows(text, spec.world_size, spec.group)  # (B, D); the images never need gathering
 
         row_lse, col_part = lse_stats(image, text_all, scale, bias)  # (b,), (B,) over my rows
         cd = row_lse.dtype
@@ -217,10 +151,10 @@ class ShardedContrastiveFunction(torch.autograd.Function):
             # one pass: G_r = P_row + P_col - 2E over this rank's rows
             g_text, g_image, g_dot = logit_grads(image, text_all, scale, bias, row_lse, col_lse, r0, spec.deterministic)
             # [grad_output, sum G.(I.T)] of every rank: sums, and the equality check
-            per_rank = _all_gather(torch.stack([g, g_dot.to(cd)])[None], spec)  # (W, 2)
+            per_rank = all_gather_rows(torch.stack([g, g_dot.to(cd)])[None], spec.world_size, spec.group)  # (W, 2)
             g_all, dot_sum = per_rank[:, 0], per_rank[:, 1].sum()
             if spec.local_loss:  # (and gather_with_grad)
-                check_same_grad_output(g_all, spec, image.shape)
+                check_same_grad_output(g_all, image.shape, spec.rank, spec.world_size, spec.group)
                 coef = g / (2 * b)  # d(sum_q loss_q)/dfeatures = W dL/dfeatures, L over 2B
             elif spec.gather_with_grad:
                 coef = g_all.sum() / (2 * B)
@@ -229,7 +163,7 @@ class ShardedContrastiveFunction(torch.autograd.Function):
             # text gradients: rank q's contributions G_q.T @ I_q summed at their owner,
             # which applies its own coefficient (with local_loss=False, gather_with_grad
             # =False, each rank's replica of L scales only its own features)
-            d_text = _reduce_scatter(g_image.to(cd), spec)  # (b, D)
+            d_text = reduce_scatter_rows(g_image.to(cd), spec.world_size, spec.group)  # (b, D)
             d_image = g_text.to(cd) * (coef * s)
             d_text = d_text * (coef * s)
             d_scale = g * dot_sum / (2 * B)
@@ -241,14 +175,6 @@ class ShardedContrastiveFunction(torch.autograd.Function):
             grad_bias,
             None,
         )
-
-
-def _reduce_scatter(contrib: torch.Tensor, spec: ShardSpec) -> torch.Tensor:
-    """Sum (B, ...) contributions over ranks; return this rank's (b, ...) slice."""
-    contrib = contrib.contiguous()
-    out = contrib.new_empty((contrib.shape[0] // spec.world_size,) + tuple(contrib.shape[1:]))
-    dist.reduce_scatter_tensor(out, contrib, group=spec.group)
-    return out
 
 
 def _local_no_grad_backward(image, text, scale, bias, text_all, row_lse, col_lse, spec, g):
@@ -265,7 +191,8 @@ def _local_no_grad_backward(image, text, scale, bias, text_all, row_lse, col_lse
     )
     # per column j: sum_k G_col[k, j] (I_k . T_j) = T_j . (G_col.T @ I)_j rides along as column D
     col_dot = rowwise_dot(g_image_col.to(cd), text_all.to(cd))
-    summed = _reduce_scatter(torch.cat([g_image_col.to(cd), col_dot[:, None]], dim=1), spec)  # (b, D+1)
+    contrib = torch.cat([g_image_col.to(cd), col_dot[:, None]], dim=1)  # (B, D+1)
+    summed = reduce_scatter_rows(contrib, spec.world_size, spec.group)  # (b, D+1)
     coef = g / (2 * b)
     d_image = g_text_row.to(cd) * (coef * s)
     d_text = summed[:, :-1] * (coef * s)

@@ -44,10 +44,10 @@ implementations agree bit for bit given the same random bits):
   elements are untouched, so the optimizer state stays valid either way). Finite
   gradients above ~1e19 overflow fp32's g*g like in any fp32 Adam.
 
-Dispatch: CUDA tensors run one Triton kernel per parameter group (and dtype
-combination) over all its tensors; CPU tensors run the C++ extension (clip_fast/_ext.py),
-or the pure-torch path when it is unavailable (one-time warning) or
-CLIP_FAST_BACKEND=torch.
+Dispatch (clip_fast._backend.select_backend): CUDA tensors run one Triton kernel per
+parameter group (and dtype combination) over all its tensors; CPU tensors run the C++
+extension (clip_fast/_ext.py), or the pure-torch path (clip_fast/adamw_torch.py) when it
+is unavailable (one-time warning) or CLIP_FAST_BACKEND=torch.
 """
 from __future__ import annotations
 
@@ -58,7 +58,8 @@ from typing import Any, Iterable
 import torch
 from torch import nn
 
-from clip_fast import _backend
+from clip_fast._backend import ADAMW, STOCHASTIC_ROUND, select_backend
+from clip_fast.adamw_torch import random_words, torch_adamw_update, torch_stochastic_round
 
 __all__ = ["AdamW", "param_groups", "stochastic_round"]
 
@@ -70,7 +71,6 @@ KIND = {torch.float32: 0, torch.bfloat16: 1, torch.float16: 2}
 TARGET_EXP = 8
 EXP_LIMIT = 100
 
-_M32 = 0xFFFFFFFF
 _M64 = 0xFFFFFFFFFFFFFFFF
 
 
@@ -102,157 +102,6 @@ def next_moment_exp(e_old: int, rms_amax: float) -> int:
         return e_old
     _, ex = math.frexp(rms_amax)  # rms_amax = mantissa * 2^ex, mantissa in [0.5, 1)
     return max(-EXP_LIMIT, min(EXP_LIMIT, TARGET_EXP - (ex - 1)))
-
-
-# --------------------------------------------------------------------------------------
-# Pure-torch path: the same bit-level algorithm as csrc/adamw_sr.h, on any device.
-# Integer work is done in int64 holding uint32 values, so no operation overflows.
-# --------------------------------------------------------------------------------------
-def _mulhilo(a: torch.Tensor, mult: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """(hi, lo) 32-bit halves of a * mult for uint32 a (int64 tensor) and uint32 mult."""
-    a_hi, a_lo = a >> 16, a & 0xFFFF
-    lo_part = a_lo * mult  # < 2^48
-    hi_part = a_hi * mult  # < 2^48
-    hi = (hi_part + (lo_part >> 16)) >> 16
-    lo = (((hi_part & 0xFFFF) << 16) + lo_part) & _M32
-    return hi, lo
-
-
-def philox4x32_10(key: int, counter: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """Philox4x32-10 of counters (c, 0, 0, 0) (int64 tensor, c >= 0): four int64 tensors of uint32."""
-    key &= _M64
-    k0, k1 = key & _M32, key >> 32
-    c0, c1 = counter & _M32, counter >> 32
-    c2 = torch.zeros_like(counter)
-    c3 = torch.zeros_like(counter)
-    for _ in range(10):
-        hi_a, lo_a = _mulhilo(c0, 0xD2511F53)
-        hi_b, lo_b = _mulhilo(c2, 0xCD9E8D57)
-        c0, c1, c2, c3 = hi_b ^ c1 ^ k0, lo_b, hi_a ^ c3 ^ k1, lo_a
-        k0 = (k0 + 0x9E3779B9) & _M32
-        k1 = (k1 + 0xBB67AE85) & _M32
-    return c0, c1, c2, c3
-
-
-def random_words(key: int, numel: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """The random words (a, b) of elements 0..numel-1 of a stream: int32 (numel, 2).
-
-    Element e uses Philox block e >> 1: (w0, w1) when e is even, (w2, w3) when odd.
-    """
-    counter = torch.arange((numel + 1) // 2, device=device, dtype=torch.int64)
-    w0, w1, w2, w3 = philox4x32_10(key, counter)
-    a = torch.stack((w0, w2), dim=1).reshape(-1)[:numel]
-    b = torch.stack((w1, w3), dim=1).reshape(-1)[:numel]
-    words = torch.stack((a, b), dim=1)
-    return (words - ((words >> 31) << 32)).to(torch.int32)  # uint32 -> int32 bit pattern
-
-
-def _as_uint32(x: torch.Tensor) -> torch.Tensor:
-    return x.contiguous().view(torch.int32).to(torch.int64) & _M32
-
-
-def _uint16_to(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
-    return (t - ((t >> 15) << 16)).to(torch.int16).view(dtype)
-
-
-def _round_bf16(x: torch.Tensor, r16: torch.Tensor | None) -> torch.Tensor:
-    """fp32 -> bf16: stochastic with 16-bit randoms r16 (int64), nearest-even when None."""
-    u = _as_uint32(x)
-    mag = u & 0x7FFFFFFF
-    if r16 is None:
-        t = (u + 0x7FFF + ((u >> 16) & 1)) >> 16
-    else:
-        t = (u + r16) >> 16
-        t = t - ((mag < 0x7F800000) & ((t & 0x7FFF) == 0x7F80)).to(torch.int64)
-    t = torch.where(mag > 0x7F800000, (u >> 16) | 0x0040, t)
-    return _uint16_to(t, torch.bfloat16)
-
-
-def _round_fp16(x: torch.Tensor, r16: torch.Tensor | None) -> torch.Tensor:
-    """fp32 -> fp16: stochastic with r16 (int64), nearest-even when None (see adamw_sr.h)."""
-    stochastic = r16 is not None
-    u = _as_uint32(x)
-    sign = (u >> 16) & 0x8000
-    mag = u & 0x7FFFFFFF
-    r16 = r16 if stochastic else torch.zeros_like(u)
-    add = (r16 >> 3) if stochastic else 0xFFF + ((mag >> 13) & 1)
-    normal = (((mag + add) & ~0x1FFF) >> 13) - (112 << 10)
-    is_sub = mag < 0x38800000
-    ax = torch.where(is_sub, mag, 0).to(torch.int32).view(torch.float32)
-    y = ax * 16777216.0
-    if stochastic:
-        k = y.trunc()
-        sub = k.to(torch.int64) + (r16.to(torch.float32) < (y - k) * 65536.0).to(torch.int64)
-    else:
-        sub = ((y + 12582912.0) - 12582912.0).to(torch.int64)
-    out = torch.where(is_sub, sub, normal)
-    overflow_at = 0x477FE000 if stochastic else 0x477FF000
-    saturated = 0x7BFF if stochastic else 0x7C00
-    out = torch.where(mag >= overflow_at, torch.where(mag == 0x7F800000, 0x7C00, saturated), out)
-    out = torch.where(mag > 0x7F800000, 0x7E00, out)
-    return _uint16_to(sign | out, torch.float16)
-
-
-def round_to(x: torch.Tensor, dtype: torch.dtype, r16: torch.Tensor | None) -> torch.Tensor:
-    """fp32 `x` stored as `dtype` (stochastic when r16 is given, else nearest-even)."""
-    if dtype == torch.float32:
-        return x
-    if dtype == torch.bfloat16:
-        return _round_bf16(x, r16)
-    return _round_fp16(x, r16)
-
-
-def torch_stochastic_round(x: torch.Tensor, key: int = 0, rand: torch.Tensor | None = None) -> torch.Tensor:
-    """Pure-torch SR cast fp32 -> bf16; `rand`: int32 per element (low 16 bits used), else Philox(key)."""
-    if rand is None:
-        rand = random_words(key, x.numel(), x.device)[:, 0]
-    r16 = rand.reshape(-1).to(torch.int64) & 0xFFFF
-    return _round_bf16(x.reshape(-1), r16).reshape(x.shape)
-
-
-def torch_adamw_update(
-    p: torch.Tensor,
-    g: torch.Tensor,
-    m: torch.Tensor,
-    r: torch.Tensor,
-    words: torch.Tensor | None,
-    hyper: "Hyper",
-    ts: "TensorScalars",
-    stochastic: bool,
-) -> tuple[int, float]:
-    """One tensor's update in place, torch ops only. Returns (non-finite count, max new sqrt(v)).
-
-    `words`: int32 (numel, 2) random words (a, b), required when `stochastic`.
-    """
-    pf, gf = p.reshape(-1).float(), g.reshape(-1).float()
-    mf, rf = m.reshape(-1).float(), r.reshape(-1).float()
-    fp16_state = m.dtype == torch.float16
-    if fp16_state:
-        mf = mf * ts.decode_scale
-        rf = rf * ts.decode_scale
-    finite = (_as_uint32(gf) & 0x7FFFFFFF) < 0x7F800000
-    m1 = hyper.beta1 * mf + hyper.one_minus_beta1 * gf
-    v1 = hyper.beta2 * (rf * rf) + hyper.one_minus_beta2 * (gf * gf)
-    # torch's CPU sqrt is not always correctly rounded (SLEEF); sqrt in fp64 rounded to
-    # fp32 is (53 >= 2 * 24 + 2 bits: the double rounding is innocuous).
-    r1 = torch.sqrt(v1.double()).float()
-    denom = r1 * ts.inv_sqrt_bc2 + hyper.eps
-    p1 = pf * hyper.decay - ts.step_size * (m1 / denom)
-    p2, m2, r2 = torch.where(finite, p1, pf), torch.where(finite, m1, mf), torch.where(finite, r1, rf)
-    amax = float(r2.max()) if fp16_state and r2.numel() else 0.0
-    if fp16_state:
-        m2 = m2 * ts.encode_scale
-        r2 = r2 * ts.encode_scale
-    if stochastic:
-        a = words[:, 0].to(torch.int64) & _M32
-        b = words[:, 1].to(torch.int64) & _M32
-        rp, rm, rr = a & 0xFFFF, a >> 16, b & 0xFFFF
-    else:
-        rp = rm = rr = None
-    p.view(-1).copy_(round_to(p2, p.dtype, rp if p.dtype == torch.bfloat16 else None))
-    m.view(-1).copy_(round_to(m2, m.dtype, rm))
-    r.view(-1).copy_(round_to(r2, r.dtype, rr))
-    return int((~finite).sum()), amax
 
 
 # --------------------------------------------------------------------------------------
@@ -315,22 +164,14 @@ def stochastic_round(x: torch.Tensor, seed: int | None = None) -> torch.Tensor:
         raise TypeError(f"seed must be an int or None, got {type(seed).__name__}")
     key = stream_key(_new_seed() if seed is None else seed)
     src = x.contiguous()
-    if _backend.use_triton(src):
+    backend = select_backend(STOCHASTIC_ROUND, src)
+    if backend == "triton":
         from clip_fast.kernels import adamw as kernels
 
         return kernels.stochastic_round(src, key)
-    if src.device.type == "cpu" and _backend.requested_backend() != "torch":
-        ext = _load_ext()
-        if ext is not None:
-            return ext.stochastic_round_bf16(src, key)
+    if backend == "cpp":
+        return torch.ops.clip_fast.stochastic_round_bf16(src, key)
     return torch_stochastic_round(src, key)
-
-
-def _load_ext():
-    """torch.ops.clip_fast (csrc/adamw_sr.cpp's ops) once the C++ extension is loaded, else None."""
-    from clip_fast._ext import load_extension
-
-    return None if load_extension() is None else torch.ops.clip_fast
 
 
 # Substrings of parameter names that never get weight decay (CLIP / open_clip convention:
@@ -571,8 +412,8 @@ class AdamW(torch.optim.Optimizer):
                 gdtype = grad.dtype if grad.dtype in (p.dtype, torch.float32) else torch.float32
                 key = (p.device, p.dtype, gdtype, state["exp_avg"].dtype)
                 buckets.setdefault(key, []).append((i, p, grad.to(gdtype), state))
-            for (device, _, _, sdtype), items in buckets.items():
-                skipped.append(self._update_bucket(group, items, device, sdtype))
+            for (_, _, _, sdtype), items in buckets.items():
+                skipped.append(self._update_bucket(group, items, sdtype))
         if self.on_nonfinite == "raise":
             total = sum(int(s) for s in skipped)
             if total:
@@ -582,7 +423,7 @@ class AdamW(torch.optim.Optimizer):
                 )
         return loss
 
-    def _update_bucket(self, group, items, device, sdtype) -> torch.Tensor | int:
+    def _update_bucket(self, group, items, sdtype) -> torch.Tensor | int:
         """Updates one (device, dtypes) bucket of a group; returns its non-finite count."""
         lr = float(group["lr"])
         beta1, beta2 = group["betas"]
@@ -598,49 +439,68 @@ class AdamW(torch.optim.Optimizer):
         moments = [{**s, **{k: _memory_order(s[k]) for k in flat}} for s in states]  # same tensors, flat views
         steps = [int(s["step"].item()) for s in states]
         keys = [stream_key(seed, i, t) for (i, _, _, _), t in zip(items, steps)]
-        fp16_state = sdtype == torch.float16
-        if _backend.use_triton(*params):
+        backend = select_backend(ADAMW, *params)
+        if backend == "triton":
             from clip_fast.kernels import adamw as kernels
 
             scalars = [TensorScalars(lr, beta1, beta2, t) for t in steps]
             count = kernels.adamw_step(params, grads, moments, keys, scalars, hyper, sr)
         else:
-            if fp16_state:
-                e_old = [int(s["moment_exp"]) for s in states]
-                e_new = [next_moment_exp(e, float(s["rms_amax"])) for e, s in zip(e_old, states)]
-            else:
-                e_old = e_new = [0] * len(states)
+            e_old, e_new = _moment_exponents(states, sdtype)
             scalars = [TensorScalars(lr, beta1, beta2, t, eo, en) for t, eo, en in zip(steps, e_old, e_new)]
-            ext = _load_ext() if device.type == "cpu" and _backend.requested_backend() != "torch" else None
-            if ext is not None:
-                counts, maxima = ext.adamw_step(
-                    params,
-                    grads,
-                    [s["exp_avg"] for s in moments],
-                    [s["exp_avg_rms"] for s in moments],
-                    [],
-                    keys,
-                    [s.step_size for s in scalars],
-                    [s.inv_sqrt_bc2 for s in scalars],
-                    [s.decode_scale for s in scalars],
-                    [s.encode_scale for s in scalars],
-                    *hyper.args(),
-                    sr,
-                )
-            else:
-                counts, maxima = [], []
-                for p, g, s, k, ts in zip(params, grads, moments, keys, scalars):
-                    words = random_words(k, p.numel(), p.device) if sr else None
-                    c, a = torch_adamw_update(p, g, s["exp_avg"], s["exp_avg_rms"], words, hyper, ts, sr)
-                    counts.append(c)
-                    maxima.append(a)
-            for s, c, a, en in zip(states, counts, maxima, e_new):
-                s["nonfinite_count"] += c
-                if fp16_state:
-                    s["moment_exp"].fill_(en)
-                    s["rms_amax"].fill_(a)
-            count = sum(counts)
+            update = _cpp_update if backend == "cpp" else _torch_update
+            counts, maxima = update(params, grads, moments, keys, scalars, hyper, sr)
+            count = _record_host_step(states, counts, maxima, e_new if sdtype == torch.float16 else None)
         for (_, p, _, _), work in zip(items, params):
             if not _is_dense(p):  # updated in a contiguous copy
                 p.copy_(work.view(p.shape))
         return count
+
+
+def _moment_exponents(states: list[dict[str, Any]], sdtype: torch.dtype) -> tuple[list[int], list[int]]:
+    """(old, new) power-of-two exponents of each tensor's fp16 moments (0 for other
+    state dtypes): the new one from the previous step's largest sqrt(v)."""
+    if sdtype != torch.float16:
+        return [0] * len(states), [0] * len(states)
+    e_old = [int(s["moment_exp"]) for s in states]
+    return e_old, [next_moment_exp(e, float(s["rms_amax"])) for e, s in zip(e_old, states)]
+
+
+def _cpp_update(params, grads, moments, keys, scalars, hyper: Hyper, sr: bool):
+    """One multi-tensor call of the C++ update (csrc/adamw_sr.cpp); (counts, maxima)."""
+    return torch.ops.clip_fast.adamw_step(
+        params,
+        grads,
+        [s["exp_avg"] for s in moments],
+        [s["exp_avg_rms"] for s in moments],
+        [],
+        keys,
+        [s.step_size for s in scalars],
+        [s.inv_sqrt_bc2 for s in scalars],
+        [s.decode_scale for s in scalars],
+        [s.encode_scale for s in scalars],
+        *hyper.args(),
+        sr,
+    )
+
+
+def _torch_update(params, grads, moments, keys, scalars, hyper: Hyper, sr: bool):
+    """The torch reference update, tensor by tensor (torch_adamw_update); (counts, maxima)."""
+    counts, maxima = [], []
+    for p, g, s, k, ts in zip(params, grads, moments, keys, scalars):
+        words = random_words(k, p.numel(), p.device) if sr else None
+        c, a = torch_adamw_update(p, g, s["exp_avg"], s["exp_avg_rms"], words, hyper, ts, sr)
+        counts.append(c)
+        maxima.append(a)
+    return counts, maxima
+
+
+def _record_host_step(states, counts, maxima, e_new: list[int] | None) -> int:
+    """Adds the host update's non-finite counts to the states and, for fp16 moments
+    (e_new given), stores their new exponent and largest sqrt(v); returns the count."""
+    for i, (s, c) in enumerate(zip(states, counts)):
+        s["nonfinite_count"] += c
+        if e_new is not None:
+            s["moment_exp"].fill_(e_new[i])
+            s["rms_amax"].fill_(maxima[i])
+    return sum(counts)

@@ -11,10 +11,12 @@ memory). The forward keeps the gradients; the backward only multiplies them by
 grad_output. Peak extra memory: O(B*D) for the gradients plus, on CPU, one chunk of
 rows of S (O(chunk*B)).
 
-Devices: CUDA tensors run the Triton kernel (clip_fast.kernels.siglip); CPU tensors run
-the same blockwise algorithm tile by tile: torch GEMMs around one C++ pass per tile
-(csrc/siglip_cpu.cpp) in fp32 (bf16/fp16 inputs are upcast), or torch ops only for
-fp64 (so users can gradcheck), CLIP_FAST_BACKEND=torch or without the C++ extension.
+Devices (the block pass: clip_fast.siglip_ops, chosen by clip_fast._backend.select_backend):
+CUDA tensors run the Triton kernel (clip_fast.kernels.siglip); CPU tensors run the same
+blockwise algorithm tile by tile: torch GEMMs around one C++ pass per tile
+(clip_fast.siglip_cpp, csrc/siglip_cpu.cpp) in fp32 (bf16/fp16 inputs are upcast), or
+torch ops only (clip_fast.siglip_torch) for fp64 (so users can gradcheck),
+CLIP_FAST_BACKEND=torch or without the C++ extension.
 
 Distributed (world_size > 1): the same value and gradients as open_clip's ring
 implementations ('bidir' by default). Each rank computes its own (b x b) block with
@@ -30,173 +32,18 @@ b x B logits.
 from __future__ import annotations
 
 import dataclasses
-import functools
 from typing import Optional, Union
 
 import torch
+import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
-from clip_fast._backend import requested_backend, use_triton
+from clip_fast._backend import SIGLIP, select_backend
 from clip_fast._checks import as_scalar, autocast_off, check_feature_pair, empty_batch_loss
-
-# CPU path tiles of S: up to _CPU_TILE_ROWS rows x (_CPU_TILE_ELEMENTS / rows) columns
-# (~4 MiB per fp32 temporary, a few alive at a time): memory O(tile), not O(B^2).
-# Square-ish tiles rather than full rows: the text-gradient GEMM G.T @ I sums over the
-# tile's rows and read-modify-writes only the tile's columns of dT, where row chunks
-# of 64 rows (2^20 / 16k) made it a K=64 GEMM rewriting all of dT (32 MiB) per chunk.
-_CPU_TILE_ELEMENTS = 1 << 20
-_CPU_TILE_ROWS = 1024
+from clip_fast.collectives import check_group
+from clip_fast.siglip_ops import new_grad, siglip_block
 
 _DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
-
-
-# ----------------------------------------------------------------------------------
-# input checks
-
-
-# ----------------------------------------------------------------------------------
-# one (M x N) block: loss and gradients in one pass, dispatched per device
-
-
-def _compute_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
-def _use_kernel(t: torch.Tensor) -> bool:
-    # fp64 exists for gradcheck: the kernels have no fp64 configuration
-    return t.dtype != torch.float64 and use_triton(t)
-
-
-def _new_grad(rows: int, dim: int, like: torch.Tensor) -> torch.Tensor:
-    if _use_kernel(like):
-        from clip_fast.kernels.siglip import grad_buffer
-
-        return grad_buffer(rows, dim, like.device)
-    return torch.zeros((rows, dim), device=like.device, dtype=_compute_dtype(like.dtype))
-
-
-def _block_torch(
-    image: torch.Tensor,  # (M, D) compute dtype
-    text: torch.Tensor,  # (N, D) compute dtype
-    scale: torch.Tensor,  # () compute dtype
-    bias: torch.Tensor,  # () compute dtype
-    has_pos: bool,
-    inv_n: float,
-    d_image: torch.Tensor,  # (M, D) accumulated into
-    d_text: torch.Tensor,  # (N, D) accumulated into
-) -> torch.Tensor:
-    """CPU path of the fused kernel in torch ops (fp64, CLIP_FAST_BACKEND=torch, no C++
-    extension; the reference of _block_fused): the same single pass over S, tile by tile.
-
-    Works with y = -z * S (= S for negatives, -S on the diagonal), so that the loss is
-    softplus(y) and dL/dS = -z * sigmoid(y) / n: per tile one matmul, four elementwise
-    sweeps (y, softplus+sum, in-place sigmoid, the dscale dot) and two GEMMs that apply
-    scale/n through `alpha` instead of extra sweeps. Eager torch makes every op a pass
-    over the tile, so their number sets the CPU time beside the matmuls.
-    """
-    M, N = image.shape[0], text.shape[0]
-    tile_rows = max(1, min(M, _CPU_TILE_ROWS))
-    tile_cols = max(1, min(N, _CPU_TILE_ELEMENTS // tile_rows))
-    alpha = float(scale) * inv_n  # GEMM alpha: dL/dfeatures = scale/n * g @ features
-    loss = image.new_zeros(())
-    ds = image.new_zeros(())
-    db = image.new_zeros(())
-    for r0 in range(0, M, tile_rows):
-        rows = image[r0 : r0 + tile_rows]  # (tr, D)
-        for c0 in range(0, N, tile_cols):
-            cols = text[c0 : c0 + tile_cols]  # (tc, D)
-            dots = rows @ cols.T  # (tr, tc)
-            y = torch.addcmul(bias, dots, scale)  # S: every pair a negative ...
-            # ... except global (i, i) = tile entry (i - r0, i - c0): the tile's diagonal
-            # at offset r0 - c0 (an empty view when the tile misses it)
-            if has_pos:
-                y.diagonal(r0 - c0).neg_()
-            loss = loss + F.softplus(y).sum()  # softplus(-zS) = -logsigmoid(zS)
-            g = torch.sigmoid(y, out=y)  # sigmoid(-zS) = -z * n * dL/dS
-            if has_pos:
-                g.diagonal(r0 - c0).neg_()  # g = n * dL/dS
-            ds = ds + torch.dot(g.reshape(-1), dots.reshape(-1))
-            db = db + g.sum()
-            d_image[r0 : r0 + tile_rows].addmm_(g, cols, alpha=alpha)
-            d_text[c0 : c0 + tile_cols].addmm_(g.T, rows, alpha=alpha)
-    return torch.stack([loss, ds, db]) * inv_n
-
-
-def _cpu_tile_op():
-    """torch.ops.clip_fast.siglip_tile (csrc/siglip_cpu.cpp) unless CLIP_FAST_BACKEND=torch
-    or the extension is unavailable (then None: _block_torch runs)."""
-    if requested_backend() == "torch":
-        return None
-    from clip_fast._ext import load_extension
-
-    return None if load_extension() is None else torch.ops.clip_fast.siglip_tile
-
-
-def _block_fused(
-    tile_op,
-    image: torch.Tensor,  # (M, D) fp32
-    text: torch.Tensor,  # (N, D) fp32
-    scale: torch.Tensor,  # () fp32
-    bias: torch.Tensor,  # () fp32
-    has_pos: bool,
-    inv_n: float,
-    d_image: torch.Tensor,  # (M, D) accumulated into
-    d_text: torch.Tensor,  # (N, D) accumulated into
-) -> torch.Tensor:
-    """_block_torch with the C++ tile kernel: the same tiles, matmul and two GEMMs, but
-    the elementwise sweeps of a tile (S, softplus and its sum, sigmoid, the dscale and
-    dbias sums) are one read and write of it in C++. Sums accumulate in fp64."""
-    M, N = image.shape[0], text.shape[0]
-    tile_rows = max(1, min(M, _CPU_TILE_ROWS))
-    tile_cols = max(1, min(N, _CPU_TILE_ELEMENTS // tile_rows))
-    s, b = float(scale), float(bias)
-    alpha = s * inv_n  # GEMM alpha: dL/dfeatures = scale/n * g @ features
-    sums = torch.zeros(3, dtype=torch.float64)  # [loss, dscale, dbias] * n
-    # One buffer for every tile: a fresh tensor per tile pays its page faults again.
-    buffer = torch.empty(tile_rows * tile_cols, dtype=torch.float32)
-    for r0 in range(0, M, tile_rows):
-        rows = image[r0 : r0 + tile_rows]  # (tr, D)
-        for c0 in range(0, N, tile_cols):
-            cols = text[c0 : c0 + tile_cols]  # (tc, D)
-            tr, tc = rows.shape[0], cols.shape[0]
-            g = torch.mm(rows, cols.T, out=buffer[: tr * tc].view(tr, tc))  # (tr, tc) dots
-            # positives: global (i, i) = tile entry (i - r0, i - c0), column offset r0 - c0
-            tile_op(g, sums, s, b, r0 - c0, has_pos)  # g <- n * dL/dS in place
-            d_image[r0 : r0 + tile_rows].addmm_(g, cols, alpha=alpha)
-            d_text[c0 : c0 + tile_cols].addmm_(g.T, rows, alpha=alpha)
-    return (sums * inv_n).to(torch.float32)
-
-
-def _block(
-    image: torch.Tensor,  # (M, D) features in their input dtype
-    text: torch.Tensor,  # (N, D)
-    scale: torch.Tensor,  # () logit_scale (exponentiated), any float dtype
-    bias: Optional[torch.Tensor],  # () or None
-    has_pos: bool,
-    inv_n: float,
-    d_image: torch.Tensor,
-    d_text: torch.Tensor,
-) -> torch.Tensor:
-    """Loss and gradient contributions of the block S = scale * image @ text.T + bias.
-
-    Adds scale*G@text to d_image and scale*G.T@image to d_text; returns (3,)
-    [loss, dscale, dbias] of this block (loss already divided by 1/inv_n)."""
-    if _use_kernel(image):
-        from clip_fast.kernels.siglip import siglip_block
-
-        zero = torch.zeros((), device=scale.device, dtype=torch.float32)
-        params = torch.stack([scale.float(), zero if bias is None else bias.float()])  # (2,) no host sync
-        return siglip_block(image, text, params, d_image, d_text, has_pos, inv_n)
-    dtype = _compute_dtype(image.dtype)
-    bias_c = scale.new_zeros((), dtype=dtype) if bias is None else bias.to(dtype)
-    tile_op = _cpu_tile_op() if dtype == torch.float32 else None  # fp64 (gradcheck): torch
-    block_fn = _block_torch if tile_op is None else functools.partial(_block_fused, tile_op)
-    stats = block_fn(image.to(dtype), text.to(dtype), scale.to(dtype), bias_c, has_pos, inv_n, d_image, d_text)
-    # softplus(-inf) = 0 could hide a non-finite input in the loss, but never in all
-    # three sums: an infinite S gives an infinite softplus or an inf/NaN g * dots term
-    # in dscale (0 * inf = NaN). So a non-finite sum flags it, for free.
-    return torch.where(torch.isfinite(stats).all(), stats, torch.full_like(stats, float("nan")))
 
 
 # ----------------------------------------------------------------------------------
@@ -216,9 +63,11 @@ class SigLipFunction(torch.autograd.Function):
     @staticmethod
     def _forward(ctx, image, text, logit_scale, logit_bias):
         B, D = image.shape
-        d_image = _new_grad(B, D, image)
-        d_text = _new_grad(B, D, image)
-        stats = _block(image, text, logit_scale, logit_bias, True, 1.0 / B, d_image, d_text)
+        backend = select_backend(SIGLIP, image, text)
+        d_image = new_grad(B, D, image, backend)
+        d_text = new_grad(B, D, image, backend)
+        stats = siglip_block(image, text, logit_scale, logit_bias, has_pos=True, inv_n=1.0 / B,
+                             d_image=d_image, d_text=d_text, backend=backend)
         ctx.save_for_backward(d_image, d_text, stats)
         ctx.dtypes = (image.dtype, text.dtype, logit_scale.dtype, None if logit_bias is None else logit_bias.dtype)
         return stats[0].clone()  # fp32 (fp64 for fp64 inputs)
@@ -278,8 +127,6 @@ class _Ring:
     def exchange(self, to_right: Optional[torch.Tensor], to_left: Optional[torch.Tensor]):
         """Send `to_right` right and `to_left` left (either may be None); returns the
         tensors (from_left, from_right) received in exchange (None where none sent)."""
-        import torch.distributed as dist
-
         ops, from_left, from_right = [], None, None
         if to_right is not None:
             from_left = torch.empty_like(to_right)
@@ -307,9 +154,11 @@ class RingSigLipFunction(torch.autograd.Function):
     def _forward(ctx, image, text, logit_scale, logit_bias, ring: _Ring):
         b, D = image.shape
         inv_n = 1.0 / b
-        d_image = _new_grad(b, D, image)
-        d_text_own = _new_grad(b, D, image)
-        stats = _block(image, text, logit_scale, logit_bias, True, inv_n, d_image, d_text_own)
+        backend = select_backend(SIGLIP, image, text)
+        d_image = new_grad(b, D, image, backend)
+        d_text_own = new_grad(b, D, image, backend)
+        stats = siglip_block(image, text, logit_scale, logit_bias, has_pos=True, inv_n=inv_n,
+                             d_image=d_image, d_text=d_text_own, backend=backend)
         # contributions[(chain, j)]: gradient of this rank's loss w.r.t. the text block
         # received at step j of that chain (owner rank -+ j)
         contributions: dict[tuple[str, int], torch.Tensor] = {}
@@ -321,8 +170,9 @@ class RingSigLipFunction(torch.autograd.Function):
             )
             for chain, block in (("left", from_left), ("right", from_right)):
                 if block is not None:
-                    d_block = _new_grad(b, D, image)
-                    stats = stats + _block(image, block, logit_scale, logit_bias, False, inv_n, d_image, d_block)
+                    d_block = new_grad(b, D, image, backend)
+                    stats = stats + siglip_block(image, block, logit_scale, logit_bias, has_pos=False, inv_n=inv_n,
+                                                 d_image=d_image, d_text=d_block, backend=backend)
                     contributions[(chain, step)] = d_block
             to_right, to_left = from_left, from_right
         ctx.ring = ring
@@ -434,8 +284,6 @@ class SigLipLoss(nn.Module):
         scale = as_scalar(logit_scale, "logit_scale", image_features)
         bias = as_scalar(logit_bias, "logit_bias", image_features)
         if self.world_size > 1:
-            from clip_fast.distributed_loss import check_group
-
             check_group(image_features, self.rank, self.world_size)
         if image_features.shape[0] == 0:  # NaN, as open_clip (on every rank: checked above)
             loss = empty_batch_loss(image_features, text_features, scale, bias)

@@ -1,12 +1,12 @@
 // CPU kernels of the contrastive loss's elementwise work on one (rows x N) block of the
-// logits S (clip_fast/loss.py: _block_lse, _block_grad, _block_softmaxes). The GEMMs that
+// logits S (clip_fast/contrastive_cpp.py: block_lse, block_grad, block_softmaxes). The GEMMs that
 // produce and consume the block stay in torch (MKL/oneDNN, at the machine's fp32 peak);
 // what these kernels replace are the chains of torch ops between them, each a full pass
 // over a 32 MiB block (amax twice, sub, exp, two sums forward; add, sub, exp, mul
 // backward). Here the forward reads the block twice (maxima, then exponentials with both
 // sums) and writes nothing; the backward reads and writes it once.
 //
-// Semantics are the torch functions' (loss.py is the reference): one exponential shifted
+// Semantics are the torch functions' (contrastive_torch.py is the reference): one exponential shifted
 // by the block's largest logit `top` serves both directions when every row and column
 // maximum lies within `shift_range` of it, otherwise the caller's per-direction path
 // runs. NaN anywhere makes that test fail exactly as torch's comparison with NaN does.
@@ -389,7 +389,7 @@ std::pair<float, float> max_min(const float* x, int64_t n) {
   return {nan ? qnan : hi, nan ? qnan : lo};
 }
 
-// The shared-shift test of loss.py: top - min(a) < range and top - min(b) < range, false
+// The shared-shift test of contrastive_torch.py: top - min(a) < range and top - min(b) < range, false
 // for NaN (comparisons with NaN are false in torch and C++ alike).
 bool shared_shift(float top, float a_min, float b_min, double range) {
   const float rf = (float)range;

@@ -1,5 +1,5 @@
 // CPU kernel of the SigLIP loss's elementwise work on one (rows x cols) tile of the
-// logits (clip_fast/siglip.py: _block_torch is the reference). The GEMMs that produce
+// logits (clip_fast/siglip_torch.py: block_torch is the reference). The GEMMs that produce
 // the tile (I @ T.T) and consume it (G @ T, G.T @ I) stay in torch (MKL/oneDNN); this
 // kernel replaces the torch ops between them, each a pass over the tile (addcmul, neg of
 // the diagonal, softplus, sum, sigmoid, neg again, dot, sum), with ONE read and write:

@@ -54,7 +54,7 @@ from typing import Callable, Iterator
 import numpy as np
 import torch
 
-from .._backend import warn_once
+from .._warnings import warn_once
 from .images import to_8bit
 from .shards import ShardIndex, expand_shards, load_shard_indexes
 

@@ -24,7 +24,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clip_fast._backend import use_triton, warn_once
+from clip_fast._backend import TRITON_ONLY, select_backend
+from clip_fast._warnings import warn_once
 
 
 def attention_pool_reference(
@@ -90,7 +91,7 @@ def attention_pool_core(x: torch.Tensor, t0: torch.Tensor, pos: torch.Tensor, u:
     Dispatch (clip_fast._backend): the fused Triton kernels for CUDA tensors (or under
     CLIP_FAST_BACKEND=triton with the interpreter), batched matmuls otherwise.
     """
-    if use_triton(x, t0, pos, u):
+    if select_backend(TRITON_ONLY, x, t0, pos, u) == "triton":
         from clip_fast.kernels.attention_pool import MAX_BLOCK_L
 
         if x.shape[1] + 1 <= MAX_BLOCK_L:

@@ -27,7 +27,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from clip_fast._backend import warn_once
+from clip_fast._warnings import warn_once
 
 ATTENTION_BACKENDS = ("auto", "flash_attn", "xformers", "sdpa")
 _forced: str | None = None

@@ -10,7 +10,7 @@ from tests.support.processes import run_python
 
 _SCRIPT = r"""
 import json, sys, torch
-import clip_fast.loss as loss_module
+import clip_fast.contrastive_ops as contrastive_ops
 from clip_fast import ContrastiveLoss, stochastic_round
 from clip_fast.optim import AdamW
 from clip_fast._ext import load_extension
@@ -19,7 +19,7 @@ assert load_extension() is not None
 torch.manual_seed(0)
 out = {"isa": torch.ops.clip_fast.cpu_isa()}
 # contrastive loss: two 100 x 300 blocks, logits wide enough for both shift branches
-loss_module.CPU_BLOCK_ELEMENTS = 100 * 300
+contrastive_ops.CPU_BLOCK_ELEMENTS = 100 * 300
 g = torch.Generator().manual_seed(1)
 image = torch.randn(300, 48, generator=g) * torch.linspace(0.05, 3.0, 300)[:, None]
 text = torch.nn.functional.normalize(torch.randn(300, 48, generator=g), dim=-1)
@@ -32,9 +32,9 @@ labels = torch.arange(300)
 ((torch.nn.functional.cross_entropy(logits, labels) + torch.nn.functional.cross_entropy(logits.T, labels)) / 2).backward()
 out["grad_err"] = [((a.grad.double() - b.grad).abs().max() / b.grad.abs().max()).item() for a, b in zip(leaves, ref)]
 # SigLIP loss (csrc/siglip_cpu.cpp): 3 x 4 tiles of 100 x 75, vs the same loss in fp64
-import clip_fast.siglip as siglip_module
+import clip_fast.siglip_torch as siglip_torch
 from clip_fast import SigLipLoss
-siglip_module._CPU_TILE_ROWS, siglip_module._CPU_TILE_ELEMENTS = 100, 100 * 75
+siglip_torch.CPU_TILE_ROWS, siglip_torch.CPU_TILE_ELEMENTS = 100, 100 * 75
 leaves = [image.clone().requires_grad_(), text.clone().requires_grad_(), torch.tensor(10.0, requires_grad=True),
           torch.tensor(-10.0, requires_grad=True)]
 SigLipLoss()(*leaves).backward()

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from clip_fast import ContrastiveLoss
-from clip_fast.loss import lse_stats, logit_grads
+from clip_fast.contrastive_ops import lse_stats, logit_grads
 from tests.support.loss_reference import assert_matches, blockwise_floor, loss_and_grads, make_inputs, max_err, open_clip_loss, term_magnitudes
 
 SCALE_BIAS_NORM = [
@@ -65,7 +65,7 @@ def test_blockwise_chunking_is_exact(monkeypatch):
     scale, bias = torch.tensor(2.0, dtype=torch.float64), torch.tensor(0.5, dtype=torch.float64)
     row_full, col_full = lse_stats(image, text, scale, bias)
     g_text_full, g_image_full, _ = logit_grads(image, text, scale, bias, row_full, col_full)
-    monkeypatch.setattr("clip_fast.loss.CPU_BLOCK_ELEMENTS", 3 * 70)  # 3-row chunks
+    monkeypatch.setattr("clip_fast.contrastive_ops.CPU_BLOCK_ELEMENTS", 3 * 70)  # 3-row chunks
     row, col = lse_stats(image, text, scale, bias)
     g_text, g_image, _ = logit_grads(image, text, scale, bias, row, col)
     logits = scale * image @ text.T + bias
@@ -106,7 +106,7 @@ def test_rectangular_blocks_match_dense_math():
 def test_split_mode_fp32_blocks_match_fp64(monkeypatch, spread):
     """Split mode on fp32 over several row chunks, in both exponentiation branches (a
     block whose logits span more than _SHARED_SHIFT_RANGE takes the second)."""
-    monkeypatch.setattr("clip_fast.loss.CPU_BLOCK_ELEMENTS", 7 * 50)  # 7-row chunks of a 33 x 50 block
+    monkeypatch.setattr("clip_fast.contrastive_ops.CPU_BLOCK_ELEMENTS", 7 * 50)  # 7-row chunks of a 33 x 50 block
     g = torch.Generator().manual_seed(5)
     image = torch.randn(33, 16, generator=g, dtype=torch.float64)
     image = image * torch.linspace(0.1, spread, 33, dtype=torch.float64)[:, None] / image.norm(dim=1, keepdim=True)

@@ -1,5 +1,5 @@
 """The C++ block kernels of the CPU contrastive loss (csrc/contrastive_cpu.cpp) against the
-torch block functions they replace (clip_fast/loss.py) and fp64 math: the vectorised
+torch block functions they replace (clip_fast/contrastive_torch.py) and fp64 math: the vectorised
 exponential, the row/column logsumexp of a block and the two backward block forms, on odd
 shapes, both shift regimes (shared and per-direction) and non-finite logits."""
 import math
@@ -8,13 +8,14 @@ import pytest
 import torch
 
 from clip_fast import ContrastiveLoss
-from clip_fast import loss as L
+from clip_fast import contrastive_cpp, contrastive_ops, contrastive_torch
+from clip_fast._backend import CONTRASTIVE, select_backend
 from clip_fast._ext import load_extension
 
 pytestmark = pytest.mark.skipif(load_extension() is None, reason="C++ extension unavailable")
 
 SHAPES = [(1, 1), (1, 37), (29, 1), (3, 7), (5, 33), (16, 16), (64, 1000), (257, 300)]
-# Logit spreads: the first two stay within _SHARED_SHIFT_RANGE (one shared exponential),
+# Logit spreads: the first two stay within SHARED_SHIFT_RANGE (one shared exponential),
 # the last spans more and takes the per-direction path.
 SPREADS = [1.0, 12.0, 40.0]
 
@@ -37,11 +38,23 @@ def _ulp32(ref: torch.Tensor) -> torch.Tensor:
 
 def test_kernels_are_dispatched_for_fp32_and_not_for_fp64_or_torch_backend(monkeypatch):
     x = torch.zeros(4, 4)
-    assert L._cpu_kernels(x) is not None
-    assert L._cpu_kernels(x.double()) is None
-    assert L._cpu_kernels(x.t()[:, :2]) is None  # non-contiguous
+    assert select_backend(CONTRASTIVE, x) == "cpp"
+    assert select_backend(CONTRASTIVE, x.bfloat16()) == "cpp"  # blocks are computed in fp32
+    assert select_backend(CONTRASTIVE, x.double()) == "torch"
     monkeypatch.setenv("CLIP_FAST_BACKEND", "torch")
-    assert L._cpu_kernels(x) is None
+    assert select_backend(CONTRASTIVE, x) == "torch"
+
+
+def test_non_contiguous_features_give_the_torch_paths_statistics(monkeypatch):
+    # the kernels only ever see the contiguous blocks the host loop allocates
+    g = torch.Generator().manual_seed(2)
+    image, text = torch.randn(13, 20, generator=g)[:, ::2], torch.randn(10, 11, generator=g).t()  # (13, 10), (11, 10)
+    assert not image.is_contiguous() and not text.is_contiguous()
+    scale = torch.tensor(3.0)
+    kernel = contrastive_ops.lse_stats(image, text, scale, None)
+    monkeypatch.setenv("CLIP_FAST_BACKEND", "torch")
+    for k, t in zip(kernel, contrastive_ops.lse_stats(image, text, scale, None)):
+        torch.testing.assert_close(k, t, rtol=4e-6, atol=4e-6)
 
 
 def test_exp_is_within_two_ulp_of_fp64_everywhere():
@@ -79,8 +92,8 @@ def test_exp_special_values():
 def test_block_lse_matches_torch_and_fp64(shape, spread):
     x = _block(shape, spread)
     ref_row, ref_col = torch.logsumexp(x.double(), 1), torch.logsumexp(x.double(), 0)
-    t_row, t_col = L._torch_block_lse(x.clone())
-    k_row, k_col = L._block_lse(x.clone())
+    t_row, t_col = contrastive_torch.block_lse(x.clone())
+    k_row, k_col = contrastive_cpp.block_lse(x.clone())
     for k, t, ref in ((k_row, t_row, ref_row), (k_col, t_col, ref_col)):
         assert k.dtype == torch.float32 and k.shape == ref.shape
         torch.testing.assert_close(k.double(), ref, rtol=2e-6, atol=2e-6)
@@ -90,13 +103,13 @@ def test_block_lse_matches_torch_and_fp64(shape, spread):
 def test_block_lse_kernel_reports_the_shift_regime_like_the_torch_rule():
     narrow, wide = _block((40, 50), 5.0), _block((40, 50), 5.0)
     wide[3, 7] = 200.0  # row 3 and column 7 fine, every other row more than 64 below the top
-    assert _ops().contrastive_block_lse(narrow, L._SHARED_SHIFT_RANGE)[2] is True
-    assert _ops().contrastive_block_lse(wide, L._SHARED_SHIFT_RANGE)[2] is False
+    assert _ops().contrastive_block_lse(narrow, contrastive_torch.SHARED_SHIFT_RANGE)[2] is True
+    assert _ops().contrastive_block_lse(wide, contrastive_torch.SHARED_SHIFT_RANGE)[2] is False
     # The kernel reads the block only: the per-direction fallback sees intact logits.
     before = wide.clone()
-    _ops().contrastive_block_lse(wide, L._SHARED_SHIFT_RANGE)
+    _ops().contrastive_block_lse(wide, contrastive_torch.SHARED_SHIFT_RANGE)
     assert torch.equal(wide, before)
-    k_row, k_col = L._block_lse(wide.clone())
+    k_row, k_col = contrastive_cpp.block_lse(wide.clone())
     torch.testing.assert_close(k_row.double(), torch.logsumexp(wide.double(), 1))
     torch.testing.assert_close(k_col.double(), torch.logsumexp(wide.double(), 0))
 
@@ -105,8 +118,8 @@ def test_block_lse_kernel_reports_the_shift_regime_like_the_torch_rule():
 def test_block_lse_non_finite_logits_propagate_as_in_torch(poison):
     x = _block((9, 21), 3.0)
     x[4, 10] = poison
-    t_row, t_col = L._torch_block_lse(x.clone())
-    k_row, k_col = L._block_lse(x.clone())
+    t_row, t_col = contrastive_torch.block_lse(x.clone())
+    k_row, k_col = contrastive_cpp.block_lse(x.clone())
     torch.testing.assert_close(k_row, t_row, equal_nan=True)
     torch.testing.assert_close(k_col, t_col, equal_nan=True)
     if poison != -float("inf"):
@@ -114,7 +127,7 @@ def test_block_lse_non_finite_logits_propagate_as_in_torch(poison):
     # A whole row of -inf: its lse is -inf, the others stay finite.
     y = _block((6, 17), 2.0)
     y[2] = -float("inf")
-    k_row, k_col = L._block_lse(y.clone())
+    k_row, k_col = contrastive_cpp.block_lse(y.clone())
     assert k_row[2] == -float("inf") and torch.isfinite(k_row[[0, 1, 3, 4, 5]]).all() and torch.isfinite(k_col).all()
 
 
@@ -129,9 +142,9 @@ def test_block_grad_matches_torch_and_fp64(shape, spread):
     x = _block(shape, spread, seed=3)
     row, col = _lse_pair(x)
     ref = torch.exp(x.double() - row.double()[:, None]) + torch.exp(x.double() - col.double()[None, :])
-    t = L._torch_block_grad(x.clone(), row, col, torch.empty_like(x))
+    t = contrastive_torch.block_grad(x.clone(), row, col, torch.empty_like(x))
     logits = x.clone()
-    k = L._block_grad(logits, row, col, torch.empty_like(x))
+    k = contrastive_cpp.block_grad(logits, row, col, torch.empty_like(x))
     assert k.data_ptr() == logits.data_ptr()  # G over S: no second block
     torch.testing.assert_close(k.double(), ref, rtol=1e-5, atol=1e-7)
     torch.testing.assert_close(k, t, rtol=1e-5, atol=1e-7)
@@ -144,8 +157,8 @@ def test_block_softmaxes_match_torch_and_fp64(shape, spread):
     row, col = _lse_pair(x)
     ref_row = torch.exp(x.double() - row.double()[:, None])
     ref_col = torch.exp(x.double() - col.double()[None, :])
-    t_row, t_col = L._torch_block_softmaxes(x.clone(), row, col, torch.empty_like(x))
-    k_row, k_col = L._block_softmaxes(x.clone(), row, col, torch.empty_like(x))
+    t_row, t_col = contrastive_torch.block_softmaxes(x.clone(), row, col, torch.empty_like(x))
+    k_row, k_col = contrastive_cpp.block_softmaxes(x.clone(), row, col, torch.empty_like(x))
     for k, t, ref in ((k_row, t_row, ref_row), (k_col, t_col, ref_col)):
         torch.testing.assert_close(k.double(), ref, rtol=1e-5, atol=1e-7)
         torch.testing.assert_close(k, t, rtol=1e-5, atol=1e-7)
@@ -162,13 +175,13 @@ def test_backward_blocks_non_finite_values_propagate_as_in_torch(poison, where):
         row[3] = poison
     else:
         col[5] = poison
-    t = L._torch_block_grad(x.clone(), row, col, torch.empty_like(x))
-    k = L._block_grad(x.clone(), row, col, torch.empty_like(x))
+    t = contrastive_torch.block_grad(x.clone(), row, col, torch.empty_like(x))
+    k = contrastive_cpp.block_grad(x.clone(), row, col, torch.empty_like(x))
     torch.testing.assert_close(k, t, equal_nan=True)
     assert torch.equal(torch.isnan(k), torch.isnan(t)) and torch.equal(torch.isinf(k), torch.isinf(t))
     for k_part, t_part in zip(
-        L._block_softmaxes(x.clone(), row, col, torch.empty_like(x)),
-        L._torch_block_softmaxes(x.clone(), row, col, torch.empty_like(x)),
+        contrastive_cpp.block_softmaxes(x.clone(), row, col, torch.empty_like(x)),
+        contrastive_torch.block_softmaxes(x.clone(), row, col, torch.empty_like(x)),
     ):
         torch.testing.assert_close(k_part, t_part, equal_nan=True)
 
@@ -186,16 +199,16 @@ def test_kernel_checks_its_arguments():
 @pytest.mark.parametrize("split", [False, True])
 def test_lse_stats_and_logit_grads_match_the_torch_path(monkeypatch, split):
     """Whole forward/backward statistics over several chunks (ragged last chunk)."""
-    monkeypatch.setattr(L, "CPU_BLOCK_ELEMENTS", 64 * 150)
+    monkeypatch.setattr(contrastive_ops, "CPU_BLOCK_ELEMENTS", 64 * 150)
     g = torch.Generator().manual_seed(6)
     image = torch.nn.functional.normalize(torch.randn(150, 24, generator=g), dim=-1)
     text = torch.nn.functional.normalize(torch.randn(150, 24, generator=g), dim=-1)
     scale, bias = torch.tensor(20.0), torch.tensor(-3.0)
-    row_k, col_k = L.lse_stats(image, text, scale, bias)
-    grads_k = L.logit_grads(image, text, scale, bias, row_k, col_k, 0, split=split)
+    row_k, col_k = contrastive_ops.lse_stats(image, text, scale, bias)
+    grads_k = contrastive_ops.logit_grads(image, text, scale, bias, row_k, col_k, 0, split=split)
     monkeypatch.setenv("CLIP_FAST_BACKEND", "torch")
-    row_t, col_t = L.lse_stats(image, text, scale, bias)
-    grads_t = L.logit_grads(image, text, scale, bias, row_t, col_t, 0, split=split)
+    row_t, col_t = contrastive_ops.lse_stats(image, text, scale, bias)
+    grads_t = contrastive_ops.logit_grads(image, text, scale, bias, row_t, col_t, 0, split=split)
     torch.testing.assert_close(row_k, row_t, rtol=1e-6, atol=2e-6)
     torch.testing.assert_close(col_k, col_t, rtol=1e-6, atol=2e-6)
     for a, b in zip(grads_k, grads_t):

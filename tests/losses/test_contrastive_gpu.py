@@ -67,7 +67,7 @@ def test_rectangular_shard_gradients_on_gpu(monkeypatch, split, deterministic, d
     """The distributed loss's (b x B) row block with a label offset, in every backward mode
     (the strip backward over several strips: its cuBLAS GEMMs only run on a GPU)."""
     from clip_fast.kernels import contrastive
-    from clip_fast.loss import logit_grads, lse_stats
+    from clip_fast.contrastive_ops import logit_grads, lse_stats
 
     monkeypatch.setenv("CLIP_FAST_CONTRASTIVE_BACKWARD", backward)
     monkeypatch.setattr(contrastive, "STRIP_MIN_ROWS", 128)
@@ -113,7 +113,7 @@ def test_sharded_shape_splits_columns_and_matches_fp64(M, N, D, deterministic):
     """The sharded loss's rank block (M = local batch << N = global batch): the grids split
     the columns over the SMs, and the merged statistics and gradients match fp64 math."""
     from clip_fast.kernels import contrastive
-    from clip_fast.loss import logit_grads, lse_stats
+    from clip_fast.contrastive_ops import logit_grads, lse_stats
 
     g = torch.Generator(device="cuda").manual_seed(1)
     image = torch.nn.functional.normalize(torch.randn(M, D, device="cuda", generator=g), dim=-1).bfloat16()

@@ -7,7 +7,7 @@ import pytest
 import torch
 from open_clip.loss import SigLipLoss as OpenClipSigLip
 
-import clip_fast.siglip as siglip_mod
+import clip_fast.siglip_torch as siglip_torch
 from clip_fast import SigLipLoss
 from tests.support.processes import run_python
 
@@ -90,8 +90,8 @@ def test_half_precision_within_twice_torch_error(dtype):
 
 def test_tiled_path_places_positives_on_the_global_diagonal(monkeypatch):
     # force 3 x 5 tiles: the diagonal of tile (r0, c0) sits at offset r0 - c0
-    monkeypatch.setattr(siglip_mod, "_CPU_TILE_ROWS", 3)
-    monkeypatch.setattr(siglip_mod, "_CPU_TILE_ELEMENTS", 15)
+    monkeypatch.setattr(siglip_torch, "CPU_TILE_ROWS", 3)
+    monkeypatch.setattr(siglip_torch, "CPU_TILE_ELEMENTS", 15)
     leaves = _inputs(20, 5, torch.float64, 7.0, -2.0, normalise=False)
     ours, ours_g = _loss_and_grads(SigLipLoss(), *leaves)
     ref, ref_g = _loss_and_grads(OpenClipSigLip(), *leaves)

@@ -1,6 +1,6 @@
 """The C++ tile kernel of the CPU SigLIP loss (csrc/siglip_cpu.cpp, torch.ops.clip_fast.
 siglip_tile) against fp64 math and against the torch tile code it replaces
-(clip_fast/siglip.py: _block_torch): per-element sigmoid and softplus accuracy over the
+(clip_fast/siglip_torch.py: block_torch): per-element sigmoid and softplus accuracy over the
 whole range (softplus's linear regime, subnormal exponentials), the three sums, tiles
 cut across the positive diagonal at every offset, non-finite logits, and the full loss
 and gradients vs a materialised fp64 SigLIP."""
@@ -9,7 +9,8 @@ import torch
 import torch.nn.functional as F
 
 from clip_fast import SigLipLoss
-from clip_fast import siglip as S
+from clip_fast import siglip_ops, siglip_torch
+from clip_fast._backend import SIGLIP, select_backend
 from clip_fast._ext import load_extension
 
 pytestmark = pytest.mark.skipif(load_extension() is None, reason="C++ extension unavailable")
@@ -135,13 +136,14 @@ def test_tile_op_rejects_bad_tensors():
 
 
 def test_dispatch(monkeypatch):
-    assert S._cpu_tile_op() is not None
+    x = torch.zeros(3, 4)
+    assert select_backend(SIGLIP, x, x) == "cpp"
     monkeypatch.setenv("CLIP_FAST_BACKEND", "torch")
-    assert S._cpu_tile_op() is None
+    assert select_backend(SIGLIP, x, x) == "torch"
     monkeypatch.setenv("CLIP_FAST_BACKEND", "auto")
     # fp64 (gradcheck) keeps the torch tile code
     called = []
-    monkeypatch.setattr(S, "_block_fused", lambda *a, **k: called.append(1))
+    monkeypatch.setattr(siglip_ops, "block_fused", lambda *a, **k: called.append(1))
     SigLipLoss()(torch.randn(3, 4, dtype=torch.float64), torch.randn(3, 4, dtype=torch.float64), 2.0, 1.0)
     assert not called
 
@@ -156,7 +158,8 @@ def _block_both(M, N, D, has_pos, bias, monkeypatch, seed=0):
     for backend in ("auto", "torch"):
         monkeypatch.setenv("CLIP_FAST_BACKEND", backend)
         di, dt = torch.zeros(M, D), torch.zeros(N, D)
-        stats = S._block(image, text, scale, bias_t, has_pos, 1.0 / M, di, dt)
+        stats = siglip_ops.siglip_block(image, text, scale, bias_t, has_pos=has_pos, inv_n=1.0 / M, d_image=di,
+                                        d_text=dt, backend=select_backend(SIGLIP, image, text))
         out[backend] = (stats, di, dt)
     return out
 
@@ -165,8 +168,8 @@ def _block_both(M, N, D, has_pos, bias, monkeypatch, seed=0):
 @pytest.mark.parametrize("has_pos", [True, False])
 def test_fused_block_matches_torch_block_across_small_tiles(M, N, has_pos, monkeypatch):
     # 7 x 5 tiles: the positive diagonal crosses tiles at many offsets
-    monkeypatch.setattr(S, "_CPU_TILE_ROWS", 7)
-    monkeypatch.setattr(S, "_CPU_TILE_ELEMENTS", 35)
+    monkeypatch.setattr(siglip_torch, "CPU_TILE_ROWS", 7)
+    monkeypatch.setattr(siglip_torch, "CPU_TILE_ELEMENTS", 35)
     out = _block_both(M, N, 24, has_pos, -4.0, monkeypatch)
     (sf, dif, dtf), (st, dit, dtt) = out["auto"], out["torch"]
     assert sf.dtype == st.dtype == torch.float32
@@ -185,8 +188,8 @@ def test_fused_block_without_bias_matches_torch(monkeypatch):
 @pytest.mark.parametrize("with_bias", [True, False])
 def test_loss_and_grads_match_materialised_fp64(B, with_bias, monkeypatch):
     if B == 300:  # several 128 x 100 tiles, and tiles spanning the diagonal off-centre
-        monkeypatch.setattr(S, "_CPU_TILE_ROWS", 128)
-        monkeypatch.setattr(S, "_CPU_TILE_ELEMENTS", 128 * 100)
+        monkeypatch.setattr(siglip_torch, "CPU_TILE_ROWS", 128)
+        monkeypatch.setattr(siglip_torch, "CPU_TILE_ELEMENTS", 128 * 100)
     D = 33
     g0 = torch.Generator().manual_seed(B)
     image = F.normalize(torch.randn(B, D, generator=g0), dim=-1)

@@ -10,6 +10,7 @@ import pytest
 import torch
 
 import clip_fast
+from clip_fast import adamw_torch as AT  # the torch reference of AdamW and the SR cast
 from clip_fast import optim as O
 from clip_fast._ext import load_extension
 
@@ -44,7 +45,7 @@ SR_IMPLS = ["public", "torch"]
 def sr(impl: str, x: torch.Tensor, seed: int) -> torch.Tensor:
     if impl == "public":  # dispatches to the C++ extension on CPU
         return clip_fast.stochastic_round(x, seed=seed)
-    return O.torch_stochastic_round(x, O.stream_key(seed))
+    return AT.torch_stochastic_round(x, O.stream_key(seed))
 
 
 @pytest.mark.parametrize("impl", SR_IMPLS)
@@ -99,15 +100,15 @@ def test_sr_paths_agree_bit_for_bit_with_same_bits(ext):
     x[::97] = math.inf
     x[::101] = math.nan
     rand = torch.randint(-(2**31), 2**31 - 1, (x.numel(),), dtype=torch.int32)
-    assert torch.equal(bits16(O.torch_stochastic_round(x, rand=rand)), bits16(ext.stochastic_round_bf16(x, 0, rand)))
+    assert torch.equal(bits16(AT.torch_stochastic_round(x, rand=rand)), bits16(ext.stochastic_round_bf16(x, 0, rand)))
     key = O.stream_key(42)
-    assert torch.equal(bits16(O.torch_stochastic_round(x, key)), bits16(ext.stochastic_round_bf16(x, key, None)))
-    assert torch.equal(O.random_words(key, 777), ext.random_words(key, 777))
+    assert torch.equal(bits16(AT.torch_stochastic_round(x, key)), bits16(ext.stochastic_round_bf16(x, key, None)))
+    assert torch.equal(AT.random_words(key, 777), ext.random_words(key, 777))
 
 
 def test_philox_matches_the_published_known_answer():
     # Random123 known-answer test for Philox4x32-10, counter = 0, key = 0.
-    words = [int(w) for w in O.philox4x32_10(0, torch.zeros(1, dtype=torch.int64))]
+    words = [int(w) for w in AT.philox4x32_10(0, torch.zeros(1, dtype=torch.int64))]
     assert words == [0x6627E8D5, 0xE169C58D, 0xBC57AC4C, 0x9B00DBD8]
 
 
@@ -147,8 +148,8 @@ def test_repeated_small_increments_stall_with_rne_and_reach_two_with_sr():
 def test_nearest_even_helpers_match_torch_casts():
     x = torch.randn(50_000) * torch.logspace(-45, 38, 50_000)
     x = torch.cat([x, torch.tensor([65519.0, 65520.0, 65504.0, 1e6, -1e6, 6e-8, 2.9e-8, 3.0e-8, math.inf, -math.inf])])
-    assert torch.equal(bits16(O.round_to(x, torch.bfloat16, None)), bits16(x.bfloat16()))
-    assert torch.equal(bits16(O.round_to(x, torch.float16, None)), bits16(x.half()))
+    assert torch.equal(bits16(AT.round_to(x, torch.bfloat16, None)), bits16(x.bfloat16()))
+    assert torch.equal(bits16(AT.round_to(x, torch.float16, None)), bits16(x.half()))
 
 
 def test_fp16_sr_neighbours_unbiased_and_saturating():
@@ -156,7 +157,7 @@ def test_fp16_sr_neighbours_unbiased_and_saturating():
     base = torch.cat([torch.randn(32, generator=gen) * 1e-3, torch.rand(16, generator=gen) * 6e-5])  # normal + subnormal
     reps = 4000
     r16 = torch.randint(0, 65536, (reps * base.numel(),), generator=gen)
-    y = O.round_to(base.repeat(reps), torch.float16, r16).double().reshape(reps, -1)
+    y = AT.round_to(base.repeat(reps), torch.float16, r16).double().reshape(reps, -1)
     near = base.half()
     above = near.float() > base
     lo = torch.where(above, torch.nextafter(near, torch.tensor(-math.inf, dtype=torch.float16)), near).double()
@@ -166,7 +167,7 @@ def test_fp16_sr_neighbours_unbiased_and_saturating():
     p = (x - lo) / (hi - lo)
     se = (hi - lo) * torch.sqrt(p * (1 - p) / reps)
     assert bool(((y.mean(0) - x).abs() <= 5 * se + 1e-12 * (hi - lo)).all())
-    sat = O.round_to(torch.tensor([70000.0, -1e30, math.inf]), torch.float16, torch.tensor([65535, 65535, 0]))
+    sat = AT.round_to(torch.tensor([70000.0, -1e30, math.inf]), torch.float16, torch.tensor([65535, 65535, 0]))
     assert sat.tolist() == [65504.0, -65504.0, math.inf]
 
 
@@ -204,11 +205,11 @@ def test_cpp_and_torch_updates_agree_bit_for_bit(ext, pd, gd, sd, stochastic):
         ts = O.TensorScalars(3e-4, 0.9, 0.98, 7, e_old, e_new)
         inputs = [_update_inputs(pd, gd, sd, n, i) for i, n in enumerate(sizes)]
         keys = [O.stream_key(99, i, 7) for i in range(len(sizes))]
-        words = [O.random_words(k, n) for k, n in zip(keys, sizes)]
+        words = [AT.random_words(k, n) for k, n in zip(keys, sizes)]
         if use_explicit_bits:  # arbitrary bits, not Philox's
             words = [torch.randint(-(2**31), 2**31 - 1, (n, 2), dtype=torch.int32) for n in sizes]
         ref = [[t.clone() for t in inp] for inp in inputs]
-        ref_out = [O.torch_adamw_update(p, g, m, r, w, hyper, ts, stochastic) for (p, g, m, r), w in zip(ref, words)]
+        ref_out = [AT.torch_adamw_update(p, g, m, r, w, hyper, ts, stochastic) for (p, g, m, r), w in zip(ref, words)]
         got = [[t.clone() for t in inp] for inp in inputs]
         counts, maxima = ext.adamw_step(
             [x[0] for x in got], [x[1] for x in got], [x[2] for x in got], [x[3] for x in got],
@@ -240,9 +241,9 @@ def test_cpp_and_torch_bf16_updates_agree_on_special_and_saturating_values(ext, 
         words = torch.randint(-(2**31), 2**31 - 1, (n, 2), dtype=torch.int32, generator=torch.Generator().manual_seed(2))
         words[100:300, 0] |= 0xFFFF  # largest carries into the inf exponent
     else:
-        words = O.random_words(key, n)
+        words = AT.random_words(key, n)
     ref = [t.clone() for t in (p, g, m, r)]
-    ref_count, _ = O.torch_adamw_update(*ref, words, hyper, ts, True)
+    ref_count, _ = AT.torch_adamw_update(*ref, words, hyper, ts, True)
     got = [t.clone() for t in (p, g, m, r)]
     counts, _ = ext.adamw_step(
         [got[0]], [got[1]], [got[2]], [got[3]], [words] if use_explicit_bits else [], [key], [ts.step_size],
@@ -265,7 +266,7 @@ def test_update_matches_fp64_adamw_formula():
     md = b1 * md + (1 - b1) * gd
     vd = b2 * vd + (1 - b2) * gd * gd
     want = pd * (1 - lr * wd) - lr / (1 - b1**step) * md / (vd.sqrt() / math.sqrt(1 - b2**step) + eps)
-    O.torch_adamw_update(p, g, m, r, None, O.Hyper(b1, b2, lr, wd, eps), O.TensorScalars(lr, b1, b2, step), False)
+    AT.torch_adamw_update(p, g, m, r, None, O.Hyper(b1, b2, lr, wd, eps), O.TensorScalars(lr, b1, b2, step), False)
     torch.testing.assert_close(p.double(), want, rtol=1e-6, atol=1e-9)
     torch.testing.assert_close(r.double() ** 2, vd, rtol=1e-5, atol=1e-30)
 
@@ -525,8 +526,8 @@ def test_channels_last_weights_update_in_place_in_memory_order(monkeypatch, back
     hyper = O.Hyper(0.9, 0.98, 1e-2, 0.1, 1e-6)
     for step in (1, 2):
         opt.step()
-        words = O.random_words(O.stream_key(11, 0, step), ref_p.numel())
-        O.torch_adamw_update(ref_p, ref_g, ref_m, ref_r, words, hyper, O.TensorScalars(1e-2, 0.9, 0.98, step), True)
+        words = AT.random_words(O.stream_key(11, 0, step), ref_p.numel())
+        AT.torch_adamw_update(ref_p, ref_g, ref_m, ref_r, words, hyper, O.TensorScalars(1e-2, 0.9, 0.98, step), True)
     assert p.data_ptr() == ptr and p.stride() == strides
     state = opt.state[p]
     assert state["exp_avg"].stride() == strides and state["exp_avg_rms"].stride() == strides

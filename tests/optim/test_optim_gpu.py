@@ -7,6 +7,7 @@ import pytest
 import torch
 
 import clip_fast
+from clip_fast import adamw_torch as AT  # the torch reference of AdamW and the SR cast
 from clip_fast import optim as O
 
 def _inputs(pd, gd, sd, sizes, device, seed=0):
@@ -53,7 +54,7 @@ def test_triton_kernel_matches_torch_path_on_gpu(pd, gd, sd):
     keys = [O.stream_key(5, i, 4) for i in range(len(sizes))]
     ref = _inputs(pd, gd, sd, sizes, "cuda")
     for (p, g, m, r), k in zip(ref, keys):
-        O.torch_adamw_update(p, g, m, r, O.random_words(k, p.numel(), "cuda"), hyper, ts, True)
+        AT.torch_adamw_update(p, g, m, r, AT.random_words(k, p.numel(), "cuda"), hyper, ts, True)
     tri = _inputs(pd, gd, sd, sizes, "cuda")
     states = [_state(m, r) for _, _, m, r in tri]
     K.adamw_step([x[0] for x in tri], [x[1] for x in tri], states, keys, [ts] * 4, hyper, True)
@@ -105,7 +106,7 @@ def test_sr_cast_compiles_once_for_all_keys_and_sizes():
 def test_gpu_stochastic_round_matches_cpu_and_is_unbiased():
     x = torch.randn(1 << 20) * 3
     gpu = clip_fast.stochastic_round(x.cuda(), seed=9).cpu()
-    assert torch.equal(gpu.view(torch.int16), O.torch_stochastic_round(x, O.stream_key(9)).view(torch.int16))
+    assert torch.equal(gpu.view(torch.int16), AT.torch_stochastic_round(x, O.stream_key(9)).view(torch.int16))
     v = torch.full((1 << 22,), 1.0 + 2**-10, device="cuda")  # 1/8 of the way from 1 to 1 + 2^-7
     mean = clip_fast.stochastic_round(v, seed=1).double().mean().item()
     assert abs(mean - (1 + 2**-10)) < 5 * 2**-7 * math.sqrt(0.125 * 0.875 / v.numel())

@@ -25,11 +25,11 @@ def status_bytes(field: str) -> int:
 def main() -> None:
     impl, B, D = sys.argv[1], int(sys.argv[2]), int(sys.argv[3])
     if impl == "ours":
-        import clip_fast.loss
+        import clip_fast.contrastive_ops
         from clip_fast import ContrastiveLoss
 
         if len(sys.argv) > 4:
-            clip_fast.loss.CPU_BLOCK_ELEMENTS = int(sys.argv[4])
+            clip_fast.contrastive_ops.CPU_BLOCK_ELEMENTS = int(sys.argv[4])
 
         loss_fn = ContrastiveLoss()
     else:

@@ -119,14 +119,14 @@ def _audited_steps(model, loss_fn, optimizer, seed: int) -> SyncAudit:
 # scale/n to addmm_ as Python numbers. They are allowed here by call site; anything else
 # fails the tests.
 CPU_FALLBACK_SYNCS = (
-    ("clip_fast/loss.py", "_SHARED_SHIFT_RANGE"),
-    ("clip_fast/optim.py", "int((~finite).sum())"),
-    ("clip_fast/siglip.py", "float(scale) * inv_n"),
-    ("clip_fast/siglip.py", "float(scale), float(bias)"),
+    ("clip_fast/contrastive_torch.py", "SHARED_SHIFT_RANGE"),
+    ("clip_fast/adamw_torch.py", "int((~finite).sum())"),
+    ("clip_fast/siglip_torch.py", "float(scale) * inv_n"),
+    ("clip_fast/siglip_cpp.py", "float(scale), float(bias)"),
     # gloo only: the shape check's sizes are CPU tensors (NCCL: checked once per shape)
-    ("clip_fast/distributed_loss.py", "mine = torch.tensor(list(features.shape)"),
-    ("clip_fast/distributed_loss.py", "shapes = [tuple(s.tolist()) for s in shapes]"),
-    ("clip_fast/distributed_loss.py", "if not bool((g_all == g_all[0]).all()):"),
+    ("clip_fast/collectives.py", "mine = torch.tensor(list(features.shape)"),
+    ("clip_fast/collectives.py", "shapes = [tuple(s.tolist()) for s in shapes]"),
+    ("clip_fast/collectives.py", "if not bool((g_all == g_all[0]).all()):"),
 )
 
 

@@ -7,6 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
+from clip_fast import adamw_torch as AT  # the torch reference of AdamW and the SR cast
 from clip_fast import optim as O
 from clip_fast.kernels import adamw as K
 
@@ -24,10 +25,10 @@ def test_sr_cast_matches_torch_path():
     x[::77] = math.nan
     x[5] = torch.finfo(torch.float32).max
     key = O.stream_key(2024)
-    assert torch.equal(K.stochastic_round(x, key).view(torch.int16), O.torch_stochastic_round(x, key).view(torch.int16))
+    assert torch.equal(K.stochastic_round(x, key).view(torch.int16), AT.torch_stochastic_round(x, key).view(torch.int16))
     rand = torch.randint(-(2**31), 2**31 - 1, (x.numel(),), dtype=torch.int32)
     got = K.stochastic_round(x, 0, rand)
-    assert torch.equal(got.view(torch.int16), O.torch_stochastic_round(x, rand=rand).view(torch.int16))
+    assert torch.equal(got.view(torch.int16), AT.torch_stochastic_round(x, rand=rand).view(torch.int16))
 
 
 def _state(m, r, exp=0, amax=0.0):
@@ -60,7 +61,7 @@ def test_multi_tensor_step_matches_torch_path(pd, gd, sd, stochastic, explicit):
         r = (torch.rand(n, generator=gen) * 1e-3).to(sd)
         key = O.stream_key(77, i, 4)
         w = (torch.randint(-(2**31), 2**31 - 1, (n, 2), dtype=torch.int32, generator=gen) if explicit
-             else O.random_words(key, n))  # fmt: skip
+             else AT.random_words(key, n))  # fmt: skip
         ref.append((p.clone(), g, m.clone(), r.clone()))
         params.append(p)
         grads.append(g)
@@ -68,7 +69,7 @@ def test_multi_tensor_step_matches_torch_path(pd, gd, sd, stochastic, explicit):
         words.append(w)
         keys.append(key)
     ts = O.TensorScalars(5e-4, 0.9, 0.98, 4, e_old if fp16 else 0, e_new if fp16 else 0)
-    expected = [O.torch_adamw_update(p, g, m, r, w, hyper, ts, stochastic) for (p, g, m, r), w in zip(ref, words)]
+    expected = [AT.torch_adamw_update(p, g, m, r, w, hyper, ts, stochastic) for (p, g, m, r), w in zip(ref, words)]
     count = K.adamw_step(params, grads, states, keys, [ts] * 3, hyper, stochastic, rand=words if explicit else None)
     for (p, _, m, r), got_p, s in zip(ref, params, states):
         assert torch.equal(p.view(torch.uint8), got_p.view(torch.uint8))
@@ -124,7 +125,7 @@ def test_kernel_philox_is_philox4x32_whatever_the_triton_version():
     for key in (0, O.stream_key(1), O.stream_key(2024, 3, 9), -(2**63)):
         out = torch.empty(4 * counters.numel(), dtype=torch.int32)
         _philox_probe[(1,)](counters, key, out, N=counters.numel())
-        want = torch.stack(O.philox4x32_10(key, counters), dim=1).reshape(-1)
+        want = torch.stack(AT.philox4x32_10(key, counters), dim=1).reshape(-1)
         assert torch.equal(out.to(torch.int64) & 0xFFFFFFFF, want), key
     out = torch.empty(4, dtype=torch.int32)
     _philox_probe[(1,)](torch.zeros(1, dtype=torch.int64), 0, out, N=1)
