@@ -277,7 +277,10 @@ def test_fsdp2_matches_ddp_and_resumes(demo, tokenizer_file, ddp_run, tmp_path):
 
     def run(name, *extra):
         _spawn(_dist_argv(demo, tokenizer_file, tmp_path, name, "--dist", "fsdp2", *extra))
-        return max((tmp_path / name / "checkpoints").glob("step_*.pt"), key=lambda p: p.stat().st_mtime_ns)
+        # the newest full checkpoint: step_N.pt, not the per-rank step_N.optim.rankR.pt shards
+        # (written by other ranks, possibly after it)
+        full = [p for p in (tmp_path / name / "checkpoints").glob("step_*.pt") if ".optim." not in p.name]
+        return max(full, key=lambda p: int(p.stem.split("_")[1]))
 
     fsdp_path = run("fsdp", "--max-steps", "2")
     assert (fsdp_path.parent / "step_2.optim.rank1.pt").is_file()
