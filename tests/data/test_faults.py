@@ -4,7 +4,6 @@ import io
 import logging
 import os
 import struct
-import tarfile
 import zlib
 
 import numpy as np
@@ -15,6 +14,7 @@ from PIL import Image
 from clip_fast.data.loader import build_loader, dali_available, normalize, pil_transform
 from clip_fast.data.make_shards import format_summary, make_shards
 from clip_fast.data.shards import MANIFEST_NAME, ShardWriter, load_shard_indexes, read_index
+from tests.support.shard_samples import write_tar
 
 BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed"))]
 
@@ -49,14 +49,6 @@ def expected_rgb8(values: np.ndarray) -> np.ndarray:
     """The 8-bit RGB image: the high byte of every 16-bit value, grey replicated."""
     high = (values >> 8).astype(np.uint8)
     return np.repeat(high[..., None], 3, -1) if high.ndim == 2 else high
-
-
-def write_tar(path, members):
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -2,7 +2,6 @@
 corrupt samples, determinism, bad input. Both backends read the same hand-made shards."""
 import io
 import math
-import tarfile
 from collections import Counter
 
 import numpy as np
@@ -12,7 +11,7 @@ from PIL import Image
 
 from clip_fast.data.loader import CLIP_MEAN, CLIP_STD, build_loader, dali_available
 from clip_fast.data.shards import ShardWriter, read_index, scan_shard
-from tests.support.shard_samples import caption_id_tokenize, jpeg, smooth_image
+from tests.support.shard_samples import caption_id_tokenize, jpeg, smooth_image, write_tar
 
 BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed"))]
 
@@ -21,14 +20,6 @@ BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_avai
 def _private_cache(tmp_path_factory, monkeypatch):
     """Scanned-shard indexes go to a temporary cache, never to ~/.cache."""
     monkeypatch.setenv("CLIP_FAST_CACHE", str(tmp_path_factory.getbasetemp() / "clip_fast_cache"))
-
-
-def write_tar(path, members):
-    with tarfile.open(path, "w") as tf:
-        for name, data in members:
-            info = tarfile.TarInfo(name)
-            info.size = len(data)
-            tf.addfile(info, io.BytesIO(data))
 
 
 @pytest.fixture(scope="module")

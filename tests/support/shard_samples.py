@@ -2,6 +2,7 @@
 alike, and a caption "tokenizer" that returns the sample number, so loaders' outputs can
 be counted."""
 import io
+import tarfile
 
 import numpy as np
 import torch
@@ -27,3 +28,12 @@ def jpeg(img, quality=92):
 def caption_id_tokenize(captions):
     """Test 'tokenizer': the sample number written in the caption, so samples can be counted."""
     return torch.tensor([[int(c.rsplit(" ", 1)[-1])] for c in captions], dtype=torch.long)
+
+
+def write_tar(path, members):
+    """A tar file of (member name, bytes) pairs, in order (hand-made or damaged shards)."""
+    with tarfile.open(path, "w") as tf:
+        for name, data in members:
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tf.addfile(info, io.BytesIO(data))
