@@ -1,13 +1,15 @@
-"""Input handling shared by the losses: checks whose errors name the argument and what
-was expected, scalars as tensors, the empty-batch value, the dtype the losses compute
-in, and autocast switched off around the losses' own arithmetic."""
+"""Input handling shared by the losses: the modules' rank checks, checks whose errors
+name the argument and what was expected, scalars as tensors, the empty-batch value, the
+dtype the losses compute in, and autocast switched off around the losses' own arithmetic."""
 from __future__ import annotations
 
-import contextlib
+import functools
 import numbers
-from typing import ContextManager, Optional, Union
+from typing import Callable, Optional, TypeVar, Union
 
 import torch
+
+T = TypeVar("T")
 
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
@@ -17,6 +19,22 @@ class LossInputError(ValueError, RuntimeError, IndexError):
     expected), and also a RuntimeError and an IndexError: open_clip's losses raise one
     of those for the same inputs (from the matmul or cross_entropy), so code written
     against open_clip's exceptions still catches it."""
+
+
+class RankedLoss(torch.nn.Module):
+    """Base of the open_clip-compatible loss modules: this process's place in its group
+    (0 <= rank < world_size, checked) and open_clip's `cache_labels` flag, accepted for
+    API parity (no label tensor is ever materialised here)."""
+
+    def __init__(self, cache_labels: bool, rank: int, world_size: int) -> None:
+        super().__init__()
+        if not isinstance(world_size, int) or isinstance(world_size, bool) or world_size < 1:
+            raise ValueError(f"world_size must be a positive int, got {world_size!r}")
+        if not isinstance(rank, int) or isinstance(rank, bool) or not 0 <= rank < world_size:
+            raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+        self.cache_labels = cache_labels
+        self.rank = rank
+        self.world_size = world_size
 
 
 def check_feature_pair(image_features: torch.Tensor, text_features: torch.Tensor) -> None:
@@ -89,10 +107,17 @@ def empty_batch_loss(
     return total.to(out_dtype) + torch.tensor(float("nan"), dtype=out_dtype, device=image.device)
 
 
-def autocast_off(like: torch.Tensor) -> ContextManager:
-    """Autocast disabled for `like`'s device type: the losses compute in the dtypes they
-    choose for the tensors they are given, so the value (and its gradient) is the same
-    inside `torch.autocast` as outside it."""
-    if like.device.type not in ("cpu", "cuda", "xpu", "mps", "hpu", "xla"):
-        return contextlib.nullcontext()
-    return torch.autocast(device_type=like.device.type, enabled=False)
+def without_autocast(method: Callable[..., T]) -> Callable[..., T]:
+    """Run an autograd.Function's forward(ctx, x, ...) or backward(ctx, grad, ...) with
+    autocast disabled for the device of its first tensor: the losses compute in the
+    dtypes they choose for the tensors they are given, so the value (and its gradient)
+    is the same inside `torch.autocast` as outside it."""
+
+    @functools.wraps(method)
+    def run(ctx, first: torch.Tensor, *args):
+        if first.device.type not in ("cpu", "cuda", "xpu", "mps", "hpu", "xla"):
+            return method(ctx, first, *args)
+        with torch.autocast(device_type=first.device.type, enabled=False):
+            return method(ctx, first, *args)
+
+    return run

@@ -142,24 +142,21 @@ _ATTENTION_POOL_KERNELS = {
     "bwd_scores": attention_pool._attention_pool_bwd_scores_kernel,
     "bwd_tokens": attention_pool._attention_pool_bwd_tokens_kernel,
 }
-# Runtime arguments in order; "name:dtype" fixes a pointer's dtype, other pointers take
-# the input dtype and every other argument is an i32.
+# Pointer arguments in order; "name:dtype" fixes a pointer's dtype, other pointers take
+# the input dtype.
 _ATTENTION_POOL_ARGS = {
-    "fwd": ("x_ptr", "t0_ptr", "pos_ptr", "u_ptr", "z_ptr", "lse_ptr:fp32", "HW", "C", "H", "stride_xn",
-            "stride_xl", "stride_xc", "stride_t0n", "stride_posl", "stride_un", "stride_uh", "stride_zn",
-            "stride_zh"),
-    "bwd_scores": ("x_ptr", "t0_ptr", "pos_ptr", "u_ptr", "lse_ptr:fp32", "dz_ptr", "p_ptr", "ds_ptr", "HW", "C",
-                   "H", "stride_xn", "stride_xl", "stride_xc", "stride_t0n", "stride_posl", "stride_un",
-                   "stride_uh", "stride_dzn", "stride_dzh"),
+    "fwd": ("x_ptr", "t0_ptr", "pos_ptr", "u_ptr", "z_ptr", "lse_ptr:fp32"),
+    "bwd_scores": ("x_ptr", "t0_ptr", "pos_ptr", "u_ptr", "lse_ptr:fp32", "dz_ptr", "p_ptr", "ds_ptr"),
     "bwd_tokens": ("x_ptr", "t0_ptr", "pos_ptr", "u_ptr", "dz_ptr", "p_ptr", "ds_ptr", "dtok_ptr:fp32",
-                   "du_ptr:fp32", "HW", "C", "H", "stride_xn", "stride_xl", "stride_xc", "stride_t0n",
-                   "stride_posl", "stride_un", "stride_uh", "stride_dzn", "stride_dzh"),
+                   "du_ptr:fp32"),
 }
+# then, in every kernel, the same i32 sizes and x strides
+_ATTENTION_POOL_INTS = ("HW", "C", "H", "stride_xn", "stride_xl", "stride_xc")
 
 
 def _attention_pool_signature(kernel: str, tl_dtype: str) -> dict[str, str]:
     sig = {}
-    for arg in _ATTENTION_POOL_ARGS[kernel]:
+    for arg in _ATTENTION_POOL_ARGS[kernel] + _ATTENTION_POOL_INTS:
         name, _, fixed = arg.partition(":")
         sig[name] = f"*{fixed}" if fixed else (f"*{tl_dtype}" if name.endswith("_ptr") else "i32")
     return {**sig, "BLOCK_L": "constexpr", "BLOCK_H": "constexpr", "BLOCK_C": "constexpr",

@@ -48,7 +48,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 
-from clip_fast._checks import autocast_off, empty_batch_loss
+from clip_fast._checks import empty_batch_loss, without_autocast
 from clip_fast.collectives import all_gather_rows, check_group, check_same_grad_output, reduce_scatter_rows
 from clip_fast.contrastive_ops import logit_grads, lse_stats, rowwise_dot
 
@@ -91,12 +91,8 @@ class ShardedContrastiveFunction(torch.autograd.Function):
 
     # forward and backward run with autocast off, as the single-process loss does
     @staticmethod
+    @without_autocast
     def forward(ctx, image, text, scale, bias, spec: ShardSpec):
-        with autocast_off(image):
-            return ShardedContrastiveFunction._forward(ctx, image, text, scale, bias, spec)
-
-    @staticmethod
-    def _forward(ctx, image, text, scale, bias, spec: ShardSpec):
         b = image.shape[0]
         B = b * spec.world_size
         text_all = all_gather_rows(text, spec.world_size, spec.group)  # (B, D); the images never need gathering
@@ -127,12 +123,8 @@ class ShardedContrastiveFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @without_autocast
     def backward(ctx, grad_loss):
-        with autocast_off(grad_loss):
-            return ShardedContrastiveFunction._backward(ctx, grad_loss)
-
-    @staticmethod
-    def _backward(ctx, grad_loss):
         image, text, scale, bias, text_all, row_lse, col_lse = ctx.saved_tensors
         bias = bias if ctx.has_bias else None
         spec: ShardSpec = ctx.spec

@@ -19,9 +19,8 @@ from __future__ import annotations
 from typing import Union
 
 import torch
-from torch import nn
 
-from clip_fast._checks import as_scalar, autocast_off, check_feature_pair, empty_batch_loss
+from clip_fast._checks import RankedLoss, as_scalar, check_feature_pair, empty_batch_loss, without_autocast
 from clip_fast.contrastive_ops import logit_grads, lse_stats, rowwise_dot
 from clip_fast.distributed_loss import ShardSpec, sharded_contrastive_loss
 
@@ -35,12 +34,8 @@ class _ContrastiveLossFunction(torch.autograd.Function):
     its exact gradient."""
 
     @staticmethod
+    @without_autocast
     def forward(ctx, image, text, scale, bias, deterministic):
-        with autocast_off(image):
-            return _ContrastiveLossFunction._forward(ctx, image, text, scale, bias, deterministic)
-
-    @staticmethod
-    def _forward(ctx, image, text, scale, bias, deterministic):
         row_lse, col_lse = lse_stats(image, text, scale, bias)
         cd = row_lse.dtype
         diag_dot = rowwise_dot(image.to(cd), text.to(cd))  # (B,) I[i] . T[i]
@@ -57,12 +52,8 @@ class _ContrastiveLossFunction(torch.autograd.Function):
         return loss.to(torch.promote_types(image.dtype, torch.float32))
 
     @staticmethod
+    @without_autocast
     def backward(ctx, grad_loss):
-        with autocast_off(grad_loss):
-            return _ContrastiveLossFunction._backward(ctx, grad_loss)
-
-    @staticmethod
-    def _backward(ctx, grad_loss):
         image, text, scale, bias, row_lse, col_lse = ctx.saved_tensors
         B = image.shape[0]
         cd = row_lse.dtype
@@ -87,7 +78,7 @@ class _ContrastiveLossFunction(torch.autograd.Function):
 Scalar = Union[torch.Tensor, float]
 
 
-class ContrastiveLoss(nn.Module):
+class ContrastiveLoss(RankedLoss):
     """Drop-in for open_clip's `ClipLoss` that never materialises the B x B logits.
 
     Same constructor and call as open_clip 3.x; `logit_scale` is the already
@@ -113,12 +104,9 @@ class ContrastiveLoss(nn.Module):
         use_horovod: bool = False,
         deterministic: bool = False,
     ) -> None:
-        super().__init__()
+        super().__init__(cache_labels, rank, world_size)
         self.local_loss = local_loss
         self.gather_with_grad = gather_with_grad
-        self.cache_labels = cache_labels  # no label tensor exists here; kept for API parity
-        self.rank = rank
-        self.world_size = world_size
         self.use_horovod = use_horovod
         self.deterministic = deterministic
 

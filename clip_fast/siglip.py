@@ -36,10 +36,9 @@ from typing import Optional, Union
 
 import torch
 import torch.distributed as dist
-import torch.nn as nn
 
 from clip_fast._backend import SIGLIP, select_backend
-from clip_fast._checks import as_scalar, autocast_off, check_feature_pair, empty_batch_loss
+from clip_fast._checks import RankedLoss, as_scalar, check_feature_pair, empty_batch_loss, without_autocast
 from clip_fast.collectives import check_group
 from clip_fast.siglip_ops import new_grad, siglip_block
 
@@ -47,53 +46,7 @@ _DIST_IMPLS = ("bidir", "shift", "reduce", "gather")
 
 
 # ----------------------------------------------------------------------------------
-# autograd: single process
-
-
-class SigLipFunction(torch.autograd.Function):
-    """Fused SigLIP loss of one process: forward computes loss and every gradient, with
-    autocast off (in the inputs' own dtypes), so the value is the same inside
-    torch.autocast as outside and the backward is its exact gradient."""
-
-    @staticmethod
-    def forward(ctx, image, text, logit_scale, logit_bias):
-        with autocast_off(image):
-            return SigLipFunction._forward(ctx, image, text, logit_scale, logit_bias)
-
-    @staticmethod
-    def _forward(ctx, image, text, logit_scale, logit_bias):
-        B, D = image.shape
-        backend = select_backend(SIGLIP, image, text)
-        d_image = new_grad(B, D, image, backend)
-        d_text = new_grad(B, D, image, backend)
-        stats = siglip_block(image, text, logit_scale, logit_bias, has_pos=True, inv_n=1.0 / B,
-                             d_image=d_image, d_text=d_text, backend=backend)
-        ctx.save_for_backward(d_image, d_text, stats)
-        ctx.dtypes = (image.dtype, text.dtype, logit_scale.dtype, None if logit_bias is None else logit_bias.dtype)
-        return stats[0].clone()  # fp32 (fp64 for fp64 inputs)
-
-    @staticmethod
-    @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_loss):
-        with autocast_off(grad_loss):
-            return SigLipFunction._backward(ctx, grad_loss)
-
-    @staticmethod
-    def _backward(ctx, grad_loss):
-        d_image, d_text, stats = ctx.saved_tensors
-        image_dtype, text_dtype, scale_dtype, bias_dtype = ctx.dtypes
-        g = grad_loss.to(stats.dtype)
-        grad_bias = None if bias_dtype is None else (g * stats[2]).to(bias_dtype)
-        return (
-            (d_image * g.to(d_image.dtype)).to(image_dtype),
-            (d_text * g.to(d_text.dtype)).to(text_dtype),
-            (g * stats[1]).to(scale_dtype),
-            grad_bias,
-        )
-
-
-# ----------------------------------------------------------------------------------
-# autograd: ring over ranks
+# autograd: one rank, or a ring over ranks
 
 
 @dataclasses.dataclass(frozen=True)
@@ -141,17 +94,17 @@ class _Ring:
         return from_left, from_right
 
 
-class RingSigLipFunction(torch.autograd.Function):
-    """SigLIP loss of this rank over all ranks' text blocks, exchanged around a ring
-    (autocast off, as in SigLipFunction)."""
+class SigLipFunction(torch.autograd.Function):
+    """Fused SigLIP loss of this rank over every rank's text block, exchanged around a
+    ring (a single process is a ring of one: no exchange). The forward computes the
+    loss and every gradient; the backward scales them by grad_output (and sends the
+    received blocks' text gradients back around the ring). Both run with autocast off,
+    in the inputs' own dtypes, so the value is the same inside torch.autocast as outside
+    and the backward is its exact gradient."""
 
     @staticmethod
+    @without_autocast
     def forward(ctx, image, text, logit_scale, logit_bias, ring: _Ring):
-        with autocast_off(image):
-            return RingSigLipFunction._forward(ctx, image, text, logit_scale, logit_bias, ring)
-
-    @staticmethod
-    def _forward(ctx, image, text, logit_scale, logit_bias, ring: _Ring):
         b, D = image.shape
         inv_n = 1.0 / b
         backend = select_backend(SIGLIP, image, text)
@@ -162,7 +115,7 @@ class RingSigLipFunction(torch.autograd.Function):
         # contributions[(chain, j)]: gradient of this rank's loss w.r.t. the text block
         # received at step j of that chain (owner rank -+ j)
         contributions: dict[tuple[str, int], torch.Tensor] = {}
-        to_right = to_left = text.detach().contiguous()
+        to_right = to_left = text.detach().contiguous() if ring.world_size > 1 else None
         for step in range(1, max(ring.left_steps, ring.right_steps) + 1):
             from_left, from_right = ring.exchange(
                 to_right if step <= ring.left_steps else None,
@@ -183,16 +136,11 @@ class RingSigLipFunction(torch.autograd.Function):
 
     @staticmethod
     @torch.autograd.function.once_differentiable
+    @without_autocast
     def backward(ctx, grad_loss):
-        with autocast_off(grad_loss):
-            return RingSigLipFunction._backward(ctx, grad_loss)
-
-    @staticmethod
-    def _backward(ctx, grad_loss):
         d_image, d_text_own, stats = ctx.saved_tensors
         ring: _Ring = ctx.ring
         contributions = ctx.contributions
-        image_dtype, text_dtype, scale_dtype, bias_dtype = ctx.dtypes
         g = grad_loss.to(stats.dtype)
         gd = g.to(d_image.dtype)
 
@@ -222,12 +170,12 @@ class RingSigLipFunction(torch.autograd.Function):
                 else:
                     acc_right = scaled("right", step - 1) + from_left
         ctx.contributions = None
-        grad_bias = None if bias_dtype is None else (g * stats[2]).to(bias_dtype)
+        image_dtype, text_dtype, scale_dtype, bias_dtype = ctx.dtypes
         return (
             (d_image * gd).to(image_dtype),
             d_text.to(text_dtype),
             (g * stats[1]).to(scale_dtype),
-            grad_bias,
+            None if bias_dtype is None else (g * stats[2]).to(bias_dtype),
             None,
         )
 
@@ -236,7 +184,7 @@ class RingSigLipFunction(torch.autograd.Function):
 # module
 
 
-class SigLipLoss(nn.Module):
+class SigLipLoss(RankedLoss):
     """Sigmoid loss for language-image pre-training, without B x B logits.
 
     Same constructor and forward as open_clip 3.x `SigLipLoss`; `logit_scale` is the
@@ -258,17 +206,10 @@ class SigLipLoss(nn.Module):
         world_size: int = 1,
         dist_impl: Optional[str] = None,
     ) -> None:
-        super().__init__()
-        if not isinstance(world_size, int) or world_size < 1:
-            raise ValueError(f"world_size must be a positive int, got {world_size!r}")
-        if not isinstance(rank, int) or not 0 <= rank < world_size:
-            raise ValueError(f"rank must be an int in [0, world_size={world_size}), got {rank!r}")
+        super().__init__(cache_labels, rank, world_size)
         dist_impl = dist_impl or "bidir"
         if dist_impl not in _DIST_IMPLS:
             raise ValueError(f"dist_impl must be one of {_DIST_IMPLS}, got {dist_impl!r}")
-        self.cache_labels = cache_labels
-        self.rank = rank
-        self.world_size = world_size
         self.dist_impl = dist_impl
 
     def forward(
@@ -287,9 +228,7 @@ class SigLipLoss(nn.Module):
             check_group(image_features, self.rank, self.world_size)
         if image_features.shape[0] == 0:  # NaN, as open_clip (on every rank: checked above)
             loss = empty_batch_loss(image_features, text_features, scale, bias)
-        elif self.world_size > 1:
-            ring = _Ring.for_impl(self.dist_impl, self.rank, self.world_size)
-            loss = RingSigLipFunction.apply(image_features, text_features, scale, bias, ring)
         else:
-            loss = SigLipFunction.apply(image_features, text_features, scale, bias)
+            ring = _Ring.for_impl(self.dist_impl, self.rank, self.world_size)
+            loss = SigLipFunction.apply(image_features, text_features, scale, bias, ring)
         return {"contrastive_loss": loss} if output_dict else loss

@@ -259,7 +259,8 @@ class ImageFolder(torch.utils.data.Dataset):
     def __getitem__(self, i: int) -> tuple[torch.Tensor, int]:
         from PIL import Image
 
-        from clip_fast.data.loader import normalize, pil_transform
+        from clip_fast.data.images import pil_transform
+        from clip_fast.data.loader import normalize
 
         path, label = self.samples[i]
         with Image.open(path) as img:

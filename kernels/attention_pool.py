@@ -28,12 +28,14 @@ Kernels (all shapes per image n; T is the token tile built on the fly from X, T0
 - `_attention_pool_fwd_kernel`, grid (N, head blocks):
       S = T @ U^T (fp32 accumulate), P = softmax over L (fp32), Z = P^T @ T, plus the
       per-head log-sum-exp for the backward.
-- `_attention_pool_bwd_kernel`, grid (N,):
+- `_attention_pool_bwd_scores_kernel`, grid (N, head blocks):
       recompute S and dP = T @ dZ^T in one sweep over C, P = exp(S - lse),
-      dS = P * (dP - rowsum(P * dP)), then in a second sweep
-      dT = P @ dZ + dS @ U and dU = dS^T @ T.
-  One program owns all heads of an image, so dT is summed over head blocks without
-  atomics (deterministic): the program read-modify-writes its own fp32 dT rows.
+      dS = P * (dP - rowsum(P * dP)); P and dS go to global memory ((N, L, H): small).
+- `_attention_pool_bwd_tokens_kernel`, grid (N, C blocks):
+      dT = P @ dZ + dS @ U and dU = dS^T @ T. One program owns a column block of one
+      image's tokens for all heads, so dT is summed over heads in registers without
+      atomics (deterministic).
+Only x may have any strides; the launchers pass t0, pos, U and dZ contiguous.
 
 Numerics: the token tile is formed in fp32 (x + pos) and rounded once to the input
 dtype, like the reference's bf16 add; the dots run in the input dtype on tensor cores
@@ -59,7 +61,7 @@ MAX_BLOCK_L = 256
 @triton.jit
 def _load_tokens(
     x_ptr, t0_ptr, pos_ptr, n, c0, HW, C,
-    stride_xn, stride_xl, stride_xc, stride_t0n, stride_posl,
+    stride_xn, stride_xl, stride_xc,
     BLOCK_L: tl.constexpr, BLOCK_C: tl.constexpr,
 ):
     """Token tile T[0:BLOCK_L, c0:c0+BLOCK_C] of image n in the input dtype.
@@ -76,29 +78,35 @@ def _load_tokens(
         x_ptr + n * stride_xn + (offs_l - 1)[:, None] * stride_xl + offs_c[None, :] * stride_xc,
         mask=img_mask, other=0.0,
     )
-    pos = tl.load(pos_ptr + (offs_l - 1)[:, None] * stride_posl + offs_c[None, :], mask=img_mask, other=0.0)
-    t0 = tl.load(t0_ptr + n * stride_t0n + offs_c, mask=c_mask, other=0.0)
+    pos = tl.load(pos_ptr + (offs_l - 1)[:, None] * C + offs_c[None, :], mask=img_mask, other=0.0)
+    t0 = tl.load(t0_ptr + n * C + offs_c, mask=c_mask, other=0.0)
     tok = tl.where(offs_l[:, None] == 0, t0.to(tl.float32)[None, :], x.to(tl.float32) + pos.to(tl.float32))
     return tok.to(x.dtype)
 
 
 @triton.jit
+def _head_offsets(n, offs_h, offs_c, H, C):
+    """Offsets of the tile [n, offs_h, offs_c] of a contiguous (N, H, C) tensor: the
+    image's int64 scalar offset, the 32-bit offsets inside the image, and the mask."""
+    return n * H * C, offs_h[:, None] * C + offs_c[None, :], (offs_h < H)[:, None] & (offs_c < C)[None, :]
+
+
+@triton.jit
 def _attention_pool_fwd_kernel(
     x_ptr,      # (N, HW, C) image tokens (any strides: NCHW or channels_last feature maps)
-    t0_ptr,     # (N, C) mean token + pos_0
-    pos_ptr,    # (HW, C) positional embedding rows 1..HW, unit stride along C
-    u_ptr,      # (N, H, C) per-head key-side queries, scaled by 1/sqrt(d), unit stride along C
-    z_ptr,      # (N, H, C) out: attention-pooled tokens
+    t0_ptr,     # (N, C) mean token + pos_0, contiguous
+    pos_ptr,    # (HW, C) positional embedding rows 1..HW, contiguous
+    u_ptr,      # (N, H, C) per-head key-side queries, scaled by 1/sqrt(d), contiguous
+    z_ptr,      # (N, H, C) out: attention-pooled tokens, contiguous
     lse_ptr,    # (N, H) fp32 out: base-2 log-sum-exp of each head's scores
     HW, C, H,
-    stride_xn, stride_xl, stride_xc, stride_t0n, stride_posl,
-    stride_un, stride_uh, stride_zn, stride_zh,
+    stride_xn, stride_xl, stride_xc,
     BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     WIDEN: tl.constexpr,  # interpreter only: widen bf16 dot operands (see common.dot)
 ):
     # int64: n * stride passes 2^31 elements from ~21k RN50 images (n * L * C for
-    # dtok) or ~2.7k RN50x64 ones; the image's base pointers are 64-bit scalars and the
+    # dtok) or ~2.7k RN50x64 ones; the image's base offsets are 64-bit scalars and the
     # offsets inside the image stay 32-bit (no wider offset tensors).
     n = tl.program_id(0).to(tl.int64)
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
@@ -109,12 +117,9 @@ def _attention_pool_fwd_kernel(
     # Sweep 1 over C: scores S = T @ U^T, (BLOCK_L, BLOCK_H) in fp32.
     s = tl.zeros((BLOCK_L, BLOCK_H), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        tok = _load_tokens(x_ptr, t0_ptr, pos_ptr, n, c0, HW, C, stride_xn, stride_xl, stride_xc,
-                           stride_t0n, stride_posl, BLOCK_L, BLOCK_C)
-        u = tl.load(
-            u_ptr + n * stride_un + offs_h[:, None] * stride_uh + (c0 + offs_c)[None, :],
-            mask=h_mask[:, None] & ((c0 + offs_c) < C)[None, :], other=0.0,
-        )
+        tok = _load_tokens(x_ptr, t0_ptr, pos_ptr, n, c0, HW, C, stride_xn, stride_xl, stride_xc, BLOCK_L, BLOCK_C)
+        image_hc, hc_offs, hc_mask = _head_offsets(n, offs_h, c0 + offs_c, H, C)
+        u = tl.load(u_ptr + image_hc + hc_offs, mask=hc_mask, other=0.0)
         s = dot(tok, tl.trans(u), s, INPUT_PRECISION, WIDEN)
 
     # Softmax over the L tokens of each head (column), base 2, padded rows excluded.
@@ -129,28 +134,26 @@ def _attention_pool_fwd_kernel(
     # cores (as flash-attention does for P @ V); the accumulation stays fp32.
     p = p.to(z_ptr.dtype.element_ty)
     for c0 in range(0, C, BLOCK_C):
-        tok = _load_tokens(x_ptr, t0_ptr, pos_ptr, n, c0, HW, C, stride_xn, stride_xl, stride_xc,
-                           stride_t0n, stride_posl, BLOCK_L, BLOCK_C)
+        tok = _load_tokens(x_ptr, t0_ptr, pos_ptr, n, c0, HW, C, stride_xn, stride_xl, stride_xc, BLOCK_L, BLOCK_C)
         z = dot(tl.trans(p), tok, None, INPUT_PRECISION, WIDEN)
-        tl.store(
-            z_ptr + n * stride_zn + offs_h[:, None] * stride_zh + (c0 + offs_c)[None, :],
-            z.to(z_ptr.dtype.element_ty), mask=h_mask[:, None] & ((c0 + offs_c) < C)[None, :],
-        )
+        image_hc, hc_offs, hc_mask = _head_offsets(n, offs_h, c0 + offs_c, H, C)
+        tl.store(z_ptr + image_hc + hc_offs, z.to(z_ptr.dtype.element_ty), mask=hc_mask)
 
 
 @triton.jit
 def _attention_pool_bwd_scores_kernel(
     x_ptr, t0_ptr, pos_ptr, u_ptr, lse_ptr,   # as in the forward kernel
-    dz_ptr,     # (N, H, C) gradient of Z, unit stride along C
+    dz_ptr,     # (N, H, C) gradient of Z, contiguous
     p_ptr,      # (N, L, H) out, input dtype: probabilities P, contiguous
     ds_ptr,     # (N, L, H) out, input dtype: score gradients dS, contiguous
     HW, C, H,
-    stride_xn, stride_xl, stride_xc, stride_t0n, stride_posl,
-    stride_un, stride_uh, stride_dzn, stride_dzh,
+    stride_xn, stride_xl, stride_xc,
     BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     WIDEN: tl.constexpr,  # interpreter only: widen bf16 dot operands (see common.dot)
 ):
+    """P = softmax(S) and dS = P * (dP - rowsum(P * dP)) with dP = T @ dZ^T, rounded to
+    the input dtype for the tokens kernel. Grid (N, H / BLOCK_H)."""
     n = tl.program_id(0).to(tl.int64)  # int64 image offsets, see the forward kernel
     offs_h = tl.program_id(1) * BLOCK_H + tl.arange(0, BLOCK_H)
     h_mask = offs_h < H
@@ -163,13 +166,10 @@ def _attention_pool_bwd_scores_kernel(
     s = tl.zeros((BLOCK_L, BLOCK_H), dtype=tl.float32)
     dp = tl.zeros((BLOCK_L, BLOCK_H), dtype=tl.float32)
     for c0 in range(0, C, BLOCK_C):
-        tok = _load_tokens(x_ptr, t0_ptr, pos_ptr, n, c0, HW, C, stride_xn, stride_xl, stride_xc,
-                           stride_t0n, stride_posl, BLOCK_L, BLOCK_C)
-        hc_mask = h_mask[:, None] & ((c0 + offs_c) < C)[None, :]
-        u = tl.load(u_ptr + n * stride_un + offs_h[:, None] * stride_uh + (c0 + offs_c)[None, :],
-                    mask=hc_mask, other=0.0)
-        dz = tl.load(dz_ptr + n * stride_dzn + offs_h[:, None] * stride_dzh + (c0 + offs_c)[None, :],
-                     mask=hc_mask, other=0.0)
+        tok = _load_tokens(x_ptr, t0_ptr, pos_ptr, n, c0, HW, C, stride_xn, stride_xl, stride_xc, BLOCK_L, BLOCK_C)
+        image_hc, hc_offs, hc_mask = _head_offsets(n, offs_h, c0 + offs_c, H, C)
+        u = tl.load(u_ptr + image_hc + hc_offs, mask=hc_mask, other=0.0)
+        dz = tl.load(dz_ptr + image_hc + hc_offs, mask=hc_mask, other=0.0)
         s = dot(tok, tl.trans(u), s, INPUT_PRECISION, WIDEN)
         dp = dot(tok, tl.trans(dz.to(dtype)), dp, INPUT_PRECISION, WIDEN)
     lse = tl.load(lse_ptr + n * H + offs_h, mask=h_mask, other=0.0)
@@ -193,15 +193,14 @@ def _attention_pool_bwd_tokens_kernel(
     dtok_ptr,   # (N, L, C) fp32 out: gradient of every token (row 0: t_0), contiguous
     du_ptr,     # (N, H, C) fp32 out: gradient of U, contiguous
     HW, C, H,
-    stride_xn, stride_xl, stride_xc, stride_t0n, stride_posl,
-    stride_un, stride_uh, stride_dzn, stride_dzh,
+    stride_xn, stride_xl, stride_xc,
     BLOCK_L: tl.constexpr, BLOCK_H: tl.constexpr, BLOCK_C: tl.constexpr,
     INPUT_PRECISION: tl.constexpr,
     WIDEN: tl.constexpr,  # interpreter only: widen bf16 dot operands (see common.dot)
 ):
-    # Grid (N, C / BLOCK_C): each program owns one column block of one image's tokens,
-    # loads them once and loops over the heads, so dT is summed over heads in registers
-    # (no atomics, deterministic).
+    """dT = P @ dZ + dS @ U and dU = dS^T @ T. Grid (N, C / BLOCK_C): each program owns
+    one column block of one image's tokens, loads them once and loops over the heads,
+    so dT is summed over heads in registers (no atomics, deterministic)."""
     n = tl.program_id(0).to(tl.int64)  # int64 image offsets, see the forward kernel
     c0 = tl.program_id(1) * BLOCK_C
     L = HW + 1
@@ -210,25 +209,22 @@ def _attention_pool_bwd_tokens_kernel(
     l_mask = offs_l < L
     c_mask = offs_c < C
     dtype = x_ptr.dtype.element_ty
-    tok = _load_tokens(x_ptr, t0_ptr, pos_ptr, n, c0, HW, C, stride_xn, stride_xl, stride_xc,
-                       stride_t0n, stride_posl, BLOCK_L, BLOCK_C)
+    tok = _load_tokens(x_ptr, t0_ptr, pos_ptr, n, c0, HW, C, stride_xn, stride_xl, stride_xc, BLOCK_L, BLOCK_C)
     dtok = tl.zeros((BLOCK_L, BLOCK_C), dtype=tl.float32)
     for h0 in range(0, H, BLOCK_H):
         offs_h = h0 + tl.arange(0, BLOCK_H)
-        h_mask = offs_h < H
         lh_offs = offs_l[:, None] * H + offs_h[None, :]
-        lh_mask = l_mask[:, None] & h_mask[None, :]
+        lh_mask = l_mask[:, None] & (offs_h < H)[None, :]
         p = tl.load(p_ptr + n * L * H + lh_offs, mask=lh_mask, other=0.0)
         ds = tl.load(ds_ptr + n * L * H + lh_offs, mask=lh_mask, other=0.0)
-        hc_mask = h_mask[:, None] & c_mask[None, :]
-        u = tl.load(u_ptr + n * stride_un + offs_h[:, None] * stride_uh + offs_c[None, :], mask=hc_mask, other=0.0)
-        dz = tl.load(dz_ptr + n * stride_dzn + offs_h[:, None] * stride_dzh + offs_c[None, :],
-                     mask=hc_mask, other=0.0)
+        image_hc, hc_offs, hc_mask = _head_offsets(n, offs_h, offs_c, H, C)
+        u = tl.load(u_ptr + image_hc + hc_offs, mask=hc_mask, other=0.0)
+        dz = tl.load(dz_ptr + image_hc + hc_offs, mask=hc_mask, other=0.0)
         # dT = P @ dZ + dS @ U ; dU = dS^T @ T
         dtok = dot(p, dz.to(dtype), dtok, INPUT_PRECISION, WIDEN)
         dtok = dot(ds, u, dtok, INPUT_PRECISION, WIDEN)
         du = dot(tl.trans(ds), tok, None, INPUT_PRECISION, WIDEN)
-        tl.store(du_ptr + n * H * C + offs_h[:, None] * C + offs_c[None, :], du, mask=hc_mask)
+        tl.store(du_ptr + image_hc + hc_offs, du, mask=hc_mask)
     tl.store(dtok_ptr + n * L * C + offs_l[:, None] * C + offs_c[None, :], dtok,
              mask=l_mask[:, None] & c_mask[None, :])
 
@@ -304,9 +300,7 @@ def attention_pool_forward(
     cfg = {**block_config(x.dtype, hw, heads, "fwd"), "INPUT_PRECISION": _input_precision(x.dtype)}
     _launch(
         _attention_pool_fwd_kernel, (n, triton.cdiv(heads, cfg["BLOCK_H"])), cfg,
-        x, t0, pos, u, z, lse, hw, c, heads,
-        x.stride(0), x.stride(1), x.stride(2), t0.stride(0), pos.stride(0),
-        u.stride(0), u.stride(1), z.stride(0), z.stride(1),
+        x, t0, pos, u, z, lse, hw, c, heads, x.stride(0), x.stride(1), x.stride(2),
     )
     return z, lse
 
@@ -326,8 +320,7 @@ def attention_pool_backward(
     dscores = torch.empty_like(probs)
     dtok = torch.empty((n, hw + 1, c), device=x.device, dtype=torch.float32)
     du = torch.empty((n, heads, c), device=x.device, dtype=torch.float32)
-    strides = (x.stride(0), x.stride(1), x.stride(2), t0.stride(0), pos.stride(0),
-               u.stride(0), u.stride(1), dz.stride(0), dz.stride(1))
+    strides = (x.stride(0), x.stride(1), x.stride(2))
     cfg = {**block_config(x.dtype, hw, heads, "bwd_scores"), "INPUT_PRECISION": _input_precision(x.dtype)}
     _launch(
         _attention_pool_bwd_scores_kernel, (n, triton.cdiv(heads, cfg["BLOCK_H"])), cfg,

@@ -613,14 +613,10 @@ def _mm_fp32_into(out: torch.Tensor, x: torch.Tensor, y: torch.Tensor) -> None:
 
 
 def _grad_backward_strips(
-    a: torch.Tensor,
-    b: torch.Tensor,
-    scale: torch.Tensor,
-    bias: torch.Tensor | None,
-    row_lse: torch.Tensor,
-    col_lse: torch.Tensor,
-    diag_offset: int,
-    split: bool,
+    a: torch.Tensor, b: torch.Tensor,  # (M, D), (N, D) bf16/fp16 features
+    scale: torch.Tensor, bias: torch.Tensor | None,  # 0-dim, as in grad_backward
+    row_lse: torch.Tensor, col_lse: torch.Tensor,  # (M,), (N,) fp32
+    diag_offset: int, split: bool,
 ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """grad_backward by strips of rows: a Triton kernel recomputes S for R rows and writes
     p_scale * G in the input dtype to an (R, N) workspace; cuBLAS then computes

@@ -63,6 +63,17 @@ def _log1p(e):
 
 
 @triton.jit
+def _row_tile(base, rows, row_ok, stride, cols, D):
+    """Tile base[rows, cols] of a row-major matrix with D columns, zero outside it.
+
+    base and stride are 16-byte aligned (the launcher's alignment contract, see
+    siglip_fused_kernel), which the multiple_of hint passes on to the compiler.
+    """
+    return tl.load(tl.multiple_of(base + rows[:, None] * stride + cols[None, :], [16, 16]),
+                   mask=row_ok[:, None] & (cols < D)[None, :], other=0.0)
+
+
+@triton.jit
 def siglip_fused_kernel(
     I, T,  # (M, D), (N, D) features; bf16 / fp16 / fp32, last dim contiguous
     params,  # (2,) fp32: [scale, bias]
@@ -114,11 +125,8 @@ def siglip_fused_kernel(
         # sweep 1 over D: dots tile (BM, BN) in fp32
         dots = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.float32)
         for k0 in range(0, D, BLOCK_K):
-            k_ok = (k0 + ks) < D
-            a = tl.load(tl.multiple_of(I_blk + r[:, None] * stride_i + (k0 + ks)[None, :], [16, 16]),
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
-            b = tl.load(tl.multiple_of(T_blk + c[:, None] * stride_t + (k0 + ks)[None, :], [16, 16]),
-                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # (BN, BK)
+            a = _row_tile(I_blk, r, row_ok, stride_i, k0 + ks, D)  # (BM, BK)
+            b = _row_tile(T_blk, c, col_ok, stride_t, k0 + ks, D)  # (BN, BK)
             dots = dot(a, tl.trans(b), dots, INPUT_PRECISION, UPCAST_DOT)
 
         # loss and dloss/dS in fp32, numerically stable for any |S|
@@ -145,10 +153,8 @@ def siglip_fused_kernel(
         g_back = scale * inv_n * (1.0 / 32768.0)
         for k0 in range(0, D, BLOCK_K):
             k_ok = (k0 + ks) < D
-            a = tl.load(tl.multiple_of(I_blk + r[:, None] * stride_i + (k0 + ks)[None, :], [16, 16]),
-                        mask=row_ok[:, None] & k_ok[None, :], other=0.0)  # (BM, BK)
-            b = tl.load(tl.multiple_of(T_blk + c[:, None] * stride_t + (k0 + ks)[None, :], [16, 16]),
-                        mask=col_ok[:, None] & k_ok[None, :], other=0.0)  # (BN, BK)
+            a = _row_tile(I_blk, r, row_ok, stride_i, k0 + ks, D)  # (BM, BK)
+            b = _row_tile(T_blk, c, col_ok, stride_t, k0 + ks, D)  # (BN, BK)
             d_a = dot(gs, b, None, INPUT_PRECISION, UPCAST_DOT) * g_back  # (BM, BK)
             tl.atomic_add(tl.multiple_of(dI_blk + r[:, None] * stride_di + (k0 + ks)[None, :], [16, 16]), d_a,
                           mask=row_ok[:, None] & k_ok[None, :], sem="relaxed")

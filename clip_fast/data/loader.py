@@ -44,7 +44,6 @@ from __future__ import annotations
 
 import io
 import logging
-import math
 import os
 from collections import Counter, deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -55,7 +54,8 @@ import numpy as np
 import torch
 
 from .._warnings import warn_once
-from .images import to_8bit
+from .csv_dataset import CsvColumns, CsvDataset, CsvRows, read_csv_rows
+from .images import eval_geometry, pil_transform, random_resized_crop_box, resize_uint8
 from .shards import ShardIndex, expand_shards, load_shard_indexes
 
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -206,71 +206,6 @@ class _Normalizer:
         torch.addcmul(self.shift, dst, self.scale, out=dst)
         if self.tmp is not None:
             self.out[i].copy_(self.tmp)
-
-
-# ----------------------------------------------------------------- PIL transforms (torch path)
-def random_resized_crop_box(width: int, height: int, rng: np.random.Generator,
-                            scale: tuple[float, float] = (0.9, 1.0), ratio: tuple[float, float] = (3 / 4, 4 / 3)) -> tuple[int, int, int, int]:
-    """torchvision's RandomResizedCrop parameters: (left, top, w, h) of the crop."""
-    area = width * height
-    log_ratio = (math.log(ratio[0]), math.log(ratio[1]))
-    for _ in range(10):
-        target_area = area * rng.uniform(*scale)
-        aspect = math.exp(rng.uniform(*log_ratio))
-        w = int(round(math.sqrt(target_area * aspect)))
-        h = int(round(math.sqrt(target_area / aspect)))
-        if 0 < w <= width and 0 < h <= height:
-            return int(rng.integers(0, width - w + 1)), int(rng.integers(0, height - h + 1)), w, h
-    # Fallback: the whole image, clamped to the allowed aspect range, centred.
-    in_ratio = width / height
-    if in_ratio < ratio[0]:
-        w, h = width, int(round(width / ratio[0]))
-    elif in_ratio > ratio[1]:
-        w, h = int(round(height * ratio[1])), height
-    else:
-        w, h = width, height
-    return (width - w) // 2, (height - h) // 2, w, h
-
-
-def pil_transform(img, image_size: int, train: bool, rng: np.random.Generator | None = None) -> np.ndarray:
-    """open_clip's image transform on a PIL image, up to the uint8 (S, S, 3) array."""
-    from PIL import Image
-
-    img = to_8bit(img).convert("RGB")
-    s = image_size
-    if train:
-        left, top, w, h = random_resized_crop_box(img.width, img.height, rng)
-        # Crop, then resize, as torchvision does. (resize(box=...) would save the copy but
-        # its filter reads pixels outside the box near the edges: up to 12/255 different.)
-        img = img.crop((left, top, left + w, top + h)).resize((s, s), Image.BICUBIC)
-    else:
-        nw, nh, left, top = eval_geometry(img.width, img.height, s)
-        if (nw, nh) != img.size:
-            img = img.resize((nw, nh), Image.BICUBIC)
-        img = img.crop((left, top, left + s, top + s))
-    return np.asarray(img, dtype=np.uint8)
-
-
-def eval_geometry(width: int, height: int, image_size: int) -> tuple[int, int, int, int]:
-    """torchvision's Resize(S) + CenterCrop(S): (resized w, resized h, crop left, crop top)."""
-    s = image_size
-    short, long = (width, height) if width <= height else (height, width)
-    new_short, new_long = s, int(s * long / short)  # torchvision Resize(int) rounding
-    nw, nh = (new_short, new_long) if width <= height else (new_long, new_short)
-    return nw, nh, int(round((nw - s) / 2.0)), int(round((nh - s) / 2.0))  # CenterCrop's rounding
-
-
-def resize_uint8(image: torch.Tensor, width: int, height: int) -> torch.Tensor:
-    """uint8 (h, w, 3) -> uint8 (height, width, 3), Pillow's bicubic (a = -0.5, antialiased).
-
-    torch's uint8 antialiased kernels (AVX2, fixed-point like Pillow's) reproduce
-    `PIL.Image.resize(..., BICUBIC)` to 0.004/255 mean, 2/255 max difference on the
-    benchmark images, several times faster than Pillow and than DALI's CPU resampler
-    (docs/benchmarks.md).
-    """
-    x = image.permute(2, 0, 1)[None]  # (1, 3, h, w), channels-last strides: the fast path
-    y = torch.nn.functional.interpolate(x, size=(height, width), mode="bicubic", antialias=True)
-    return y[0].permute(1, 2, 0)  # (height, width, 3)
 
 
 class _ShardDataset(torch.utils.data.Dataset):
@@ -473,6 +408,37 @@ class TorchShardLoader(ShardLoader):
     def _source_note(self) -> str:
         """What a decode warning adds after "image(s)" to say where they came from."""
         return ""
+
+
+class CsvLoader(TorchShardLoader):
+    """torch DataLoader + PIL over the rows of a CSV file (see clip_fast.data.csv_dataset)."""
+
+    backend = "torch"
+
+    @property
+    def rows(self) -> CsvRows:
+        return self.shards[0]
+
+    def _plan(self, epoch: int) -> tuple[np.ndarray, int, int]:
+        """(row order shared by all ranks, first position of this rank's slice, slice length)."""
+        n, w, r = self.num_samples, self.world_size, self.rank
+        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.train else np.arange(n)
+        start, stop = r * n // w, (r + 1) * n // w
+        return order, start, stop - start
+
+    def _sample_plan(self, epoch: int) -> tuple[CsvDataset, list[list[int]]]:
+        """The epoch's dataset over the usable rows and this rank's batches of row numbers."""
+        order, start, count = self._plan(epoch)
+        rows = order[start : start + count]
+        batches = [rows[i : i + self.batch_size].tolist() for i in range(0, count, self.batch_size)][: len(self)]
+        return CsvDataset(self.rows, self.image_size, self.train, self.seed, epoch), batches
+
+    def _source_note(self) -> str:
+        return f" of {self.rows.path}"
+
+    def __repr__(self) -> str:
+        return (f"CsvLoader(path={self.rows.path!r}, samples={self.num_samples}, batch_size={self.batch_size}, "
+                f"image_size={self.image_size}, train={self.train}, rank={self.rank}/{self.world_size}, device={self.device})")
 
 
 @dataclass
@@ -766,7 +732,7 @@ def check_loader_args(*, batch_size: int, image_size: int, tokenize: Callable, r
 
 
 def build_loader(
-    shards: list[str] | str,
+    source: list[str] | str,
     batch_size: int,
     image_size: int,
     tokenize: Callable[[list[str]], torch.Tensor],
@@ -783,11 +749,14 @@ def build_loader(
     verify_images: bool | None = None,
     dali_options: DaliOptions | None = None,
     resampled_samples: int | None = None,
+    csv: CsvColumns | None = None,
 ) -> ShardLoader:
-    """Build a loader over webdataset shards (see the module docstring for the semantics).
+    """Build a loader over webdataset shards (see the module docstring for the semantics)
+    or, with `csv`, over one of open_clip's CSV files (see clip_fast.data.csv_dataset).
 
     Args:
-        shards: tar paths (a list, a glob, or 'dir/shard-{000000..000009}.tar').
+        source: tar paths (a list, a glob, or 'dir/shard-{000000..000009}.tar'); with
+            `csv`, the path of the CSV file.
         tokenize: captions -> (n, context_length) int64, e.g. a `Tokenizer`.
         backend: "auto" (DALI for a cuda device when installed and working, else torch),
             "dali" (also on CPU: device_id=None, decoding on CPU threads) or "torch".
@@ -802,6 +771,8 @@ def build_loader(
         resampled_samples: M = samples per epoch over all ranks, drawn by whole shards with
             replacement (see the module docstring); None: every sample once per epoch.
             Needs the torch backend ("auto" picks it).
+        csv: the CSV file's columns and separator (open_clip's --csv-* flags); read by the
+            torch backend ("auto" picks it; DALI reads webdataset shards only).
     """
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}, got {backend!r}")
@@ -809,20 +780,23 @@ def build_loader(
         raise ValueError(f"shuffle_buffer must be a positive int, got {shuffle_buffer!r}")
     device = check_loader_args(batch_size=batch_size, image_size=image_size, tokenize=tokenize, rank=rank,
                                world_size=world_size, device=device, dtype=dtype, num_workers=num_workers)
-    paths = expand_shards(shards)
-    if not paths:
-        raise ValueError("shards is empty: give at least one .tar shard")
     drop_last = train if drop_last is None else drop_last
-
-    indexes = load_shard_indexes(paths, verify_images=verify_images, num_threads=max(1, num_workers))
-    total = sum(len(s) for s in indexes)
+    if csv is not None:
+        sources, what, nothing = _csv_rows(source, csv, backend, verify_images, resampled_samples, num_workers)
+    else:
+        paths = expand_shards(source)
+        if not paths:
+            raise ValueError("shards is empty: give at least one .tar shard")
+        sources = load_shard_indexes(paths, verify_images=verify_images, num_threads=max(1, num_workers))
+        what, nothing = f"sample(s) in {len(paths)} shard(s)", f"no readable samples in {len(paths)} shard(s)"
+    total = sum(len(s) for s in sources)
     skipped: Counter = Counter()
-    for s in indexes:
+    for s in sources:
         skipped.update(s.skipped)
     if skipped:
-        log.warning("clip_fast.data: skipped %d sample(s) in %d shard(s): %s", sum(skipped.values()), len(paths), dict(skipped))
+        log.warning("clip_fast.data: skipped %d %s: %s", sum(skipped.values()), what, dict(skipped))
     if total == 0:
-        raise ValueError(f"no readable samples in {len(paths)} shard(s) (skipped: {dict(skipped)})")
+        raise ValueError(f"{nothing} (skipped: {dict(skipped)})")
     if resampled_samples is not None:
         if not isinstance(resampled_samples, int) or resampled_samples // world_size < batch_size:
             raise ValueError(f"resampled_samples must be an int >= batch_size * world_size = "
@@ -835,7 +809,9 @@ def build_loader(
             f"({total // world_size} samples = {total} / world_size {world_size}) with drop_last=True"
         )
 
-    args = (indexes, batch_size, image_size, tokenize, train, rank, world_size, device, dtype, num_workers, seed, drop_last, shuffle_buffer)
+    args = (sources, batch_size, image_size, tokenize, train, rank, world_size, device, dtype, num_workers, seed, drop_last, shuffle_buffer)
+    if csv is not None:
+        return CsvLoader(*args)
     if backend == "torch" or resampled_samples is not None:
         return TorchShardLoader(*args, resampled_samples=resampled_samples)
     if backend == "dali":
@@ -851,6 +827,21 @@ def build_loader(
         warn_once("nvidia-dali is not installed: data loading uses the torch/PIL path")
         return TorchShardLoader(*args)
     return dali_or_torch(DaliShardLoader(*args, options=dali_options))
+
+
+def _csv_rows(path: str, columns: CsvColumns, backend: str, verify_images: bool | None,
+              resampled_samples: int | None, num_workers: int) -> tuple[list[CsvRows], str, str]:
+    """build_loader's sources for a CSV file: [its usable rows], what a skipped one is, and
+    the error when none is usable."""
+    if backend not in ("auto", "torch"):
+        raise ValueError(f"backend must be 'auto' or 'torch' for a CSV file, got {backend!r} "
+                         "(the DALI reader needs webdataset shards: python -m clip_fast.data.make_shards)")
+    if resampled_samples is not None:
+        raise ValueError("resampled_samples needs webdataset shards, not a CSV file")
+    if not isinstance(path, (str, os.PathLike)):
+        raise ValueError(f"source must be one CSV file path with csv=..., got {path!r}")
+    rows = read_csv_rows(os.fspath(path), columns, bool(verify_images), max(1, num_workers))
+    return [rows], f"row(s) of {rows.path}", f"{rows.path}: no usable rows"
 
 
 def dali_or_torch(loader: DaliShardLoader) -> ShardLoader:

@@ -170,14 +170,12 @@ def build_data_loader(paths: list[str], opts: LoaderOptions, args: argparse.Name
             raise ConfigError("--dataset-resampled: needs --data-backend torch or auto (DALI's reader samples "
                               "without replacement)")
         return _build_resampled_loader(paths, opts, args, common)
-    if csv:
-        from clip_fast.data.csv_loader import build_csv_loader
-
-        return build_csv_loader(paths[0], batch_size=opts.batch_size, image_size=opts.image_size,
-                                tokenize=opts.tokenizer, img_key=args.csv_img_key, caption_key=args.csv_caption_key,
-                                separator=args.csv_separator, **common)
+    from clip_fast.data.csv_dataset import CsvColumns
     from clip_fast.data.loader import build_loader
 
+    if csv:
+        columns = CsvColumns(args.csv_img_key, args.csv_caption_key, args.csv_separator)
+        return build_loader(paths[0], opts.batch_size, opts.image_size, opts.tokenizer, csv=columns, **common)
     return build_loader(paths, opts.batch_size, opts.image_size, opts.tokenizer, **common)
 
 

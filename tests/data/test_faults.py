@@ -11,7 +11,8 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_fast.data.loader import build_loader, dali_available, normalize, pil_transform
+from clip_fast.data.images import pil_transform
+from clip_fast.data.loader import build_loader, dali_available, normalize
 from clip_fast.data.make_shards import format_summary, make_shards
 from clip_fast.data.shards import MANIFEST_NAME, ShardWriter, load_shard_indexes, read_index
 from tests.support.shard_samples import write_tar

@@ -1,4 +1,5 @@
-"""ContrastiveLoss (CPU path) against open_clip's ClipLoss and an fp64 reference."""
+"""ContrastiveLoss on CPU against open_clip's ClipLoss and an fp64 reference; the parity
+tests run on both CPU implementations (the C++ ops and the torch code: `cpu_backend`)."""
 import math
 
 import pytest
@@ -18,7 +19,7 @@ SCALE_BIAS_NORM = [
 
 @pytest.mark.parametrize("B", [1, 2, 3, 17, 128, 1000])
 @pytest.mark.parametrize("D", [1, 7, 64, 512, 1152])
-def test_fp32_matches_open_clip_and_fp64(B, D):
+def test_fp32_matches_open_clip_and_fp64(B, D, cpu_backend):
     ours_fn = ContrastiveLoss()
     for scale, bias, normalized in SCALE_BIAS_NORM:
         image, text = make_inputs(B, D, torch.float32, normalized)
@@ -39,7 +40,7 @@ def test_fp32_matches_open_clip_and_fp64(B, D):
 
 @pytest.mark.parametrize("B,D", [(3, 7), (128, 64), (257, 512)])
 @pytest.mark.parametrize("bias", [None, 3.0])
-def test_bf16_by_the_two_x_rule(B, D, bias):
+def test_bf16_by_the_two_x_rule(B, D, bias, cpu_backend):
     image, text = make_inputs(B, D, torch.bfloat16, normalized=True)
     loss, grads = loss_and_grads(ContrastiveLoss(), image, text, 50.0, bias)
     oc_loss, oc_grads = loss_and_grads(open_clip_loss, image, text, 50.0, bias)
@@ -155,7 +156,7 @@ def test_loss_dtype_and_deterministic_flag():
 
 @pytest.mark.parametrize("poison", [float("nan"), float("inf"), float("-inf")])
 @pytest.mark.parametrize("where", ["image", "text"])
-def test_non_finite_inputs_give_nan_loss(poison, where):
+def test_non_finite_inputs_give_nan_loss(poison, where, cpu_backend):
     image, text = make_inputs(8, 5, torch.float32, normalized=True)
     target = image if where == "image" else text
     target[3, 2] = poison
@@ -163,7 +164,7 @@ def test_non_finite_inputs_give_nan_loss(poison, where):
     assert math.isnan(loss.item())
 
 
-def test_nan_scale_gives_nan_loss():
+def test_nan_scale_gives_nan_loss(cpu_backend):
     image, text = make_inputs(8, 5, torch.float32, normalized=True)
     assert math.isnan(ContrastiveLoss()(image, text, torch.tensor(float("nan"))).item())
 

@@ -52,7 +52,7 @@ GRID = [
 
 
 @pytest.mark.parametrize("B,D,scale,bias,normalise", GRID)
-def test_matches_open_clip_and_fp64_fp32(B, D, scale, bias, normalise):
+def test_matches_open_clip_and_fp64_fp32(B, D, scale, bias, normalise, cpu_backend):
     leaves = _inputs(B, D, torch.float32, scale, bias, normalise)
     ours, ours_g = _loss_and_grads(SigLipLoss(), *leaves)
     ref, ref_g = _loss_and_grads(OpenClipSigLip(), *leaves, cast=lambda x: x.double())
@@ -77,7 +77,7 @@ def test_gradcheck_fp64(B, D, with_bias):
 
 
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_half_precision_within_twice_torch_error(dtype):
+def test_half_precision_within_twice_torch_error(dtype, cpu_backend):
     leaves = _inputs(300, 96, dtype, 14.3, -10.0)
     ours, ours_g = _loss_and_grads(SigLipLoss(), *leaves)
     ref, ref_g = _loss_and_grads(OpenClipSigLip(), *leaves, cast=lambda x: x.double())
@@ -115,7 +115,7 @@ def test_output_dict_scale_as_number_and_grad_output_scaling():
 
 @pytest.mark.parametrize("where", ["image", "text", "scale", "bias"])
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_input_gives_nan_loss(where, value):
+def test_non_finite_input_gives_nan_loss(where, value, cpu_backend):
     image, text, scale, bias = [x.detach() for x in _inputs(8, 4, torch.float32, 10.0, -10.0)]
     if where == "image":
         image[3, 1] = value

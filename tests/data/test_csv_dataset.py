@@ -1,4 +1,4 @@
-"""CSV loader (open_clip's --dataset-type csv): exact epochs across ranks, bad rows skipped
+"""CSV data (open_clip's --dataset-type csv): exact epochs across ranks, bad rows skipped
 and counted, open_clip_train's CsvDataset parity (captions, eval image tensors), bad input."""
 import io
 from collections import Counter
@@ -8,7 +8,8 @@ import pytest
 import torch
 from PIL import Image
 
-from clip_fast.data.csv_loader import build_csv_loader, read_csv_rows
+from clip_fast.data.csv_dataset import CsvColumns, read_csv_rows
+from clip_fast.data.loader import build_loader
 
 N_GOOD = 23
 
@@ -23,6 +24,11 @@ def smooth_image(rng, h, w):
 def caption_id_tokenize(captions):
     """Test 'tokenizer': the row number written at the end of the caption."""
     return torch.tensor([[int(c.rsplit(" ", 1)[-1])] for c in captions], dtype=torch.long)
+
+
+def csv_loader(path, separator="\t", **kwargs):
+    """build_loader over a CSV file with open_clip's default columns."""
+    return build_loader(path, csv=CsvColumns(separator=separator), **kwargs)
 
 
 def write_csv(path, rows, sep="\t", header=("filepath", "title")):
@@ -66,7 +72,7 @@ def test_every_row_once_per_epoch_across_ranks(dataset, world_size, train):
     for epoch in (0, 1):
         seen = Counter()
         for rank in range(world_size):
-            loader = build_csv_loader(str(dataset / "clean.csv"), batch_size=4, image_size=24, tokenize=caption_id_tokenize,
+            loader = csv_loader(str(dataset / "clean.csv"), batch_size=4, image_size=24, tokenize=caption_id_tokenize,
                                       train=train, drop_last=False, rank=rank, world_size=world_size, num_workers=0, seed=3)
             loader.set_epoch(epoch)
             ids, sizes = epoch_ids(loader)
@@ -82,7 +88,7 @@ def test_every_row_once_per_epoch_across_ranks(dataset, world_size, train):
 def test_drop_last_equal_batches_and_epoch_advance(dataset):
     counts = []
     for rank in range(3):  # 23 rows / 3 ranks: slices of 7, 8, 8 -> 1 batch of 5 each
-        loader = build_csv_loader(str(dataset / "clean.csv"), batch_size=5, image_size=16, tokenize=caption_id_tokenize,
+        loader = csv_loader(str(dataset / "clean.csv"), batch_size=5, image_size=16, tokenize=caption_id_tokenize,
                                   rank=rank, world_size=3, num_workers=0)
         first, sizes = epoch_ids(loader)
         second, _ = epoch_ids(loader)  # no set_epoch: the next pass is epoch 1
@@ -94,7 +100,7 @@ def test_drop_last_equal_batches_and_epoch_advance(dataset):
 
 def test_bad_rows_skipped_and_counted(dataset):
     args = dict(batch_size=4, image_size=16, tokenize=caption_id_tokenize, train=False, drop_last=False, num_workers=0)
-    loader = build_csv_loader(str(dataset / "train.csv"), **args)
+    loader = csv_loader(str(dataset / "train.csv"), **args)
     assert loader.stats.skipped == Counter(missing_image=1, empty_caption=1)
     assert loader.stats.samples == N_GOOD + 1  # the corrupt image is found at run time
     ids, _ = epoch_ids(loader)
@@ -102,7 +108,7 @@ def test_bad_rows_skipped_and_counted(dataset):
     # The corrupt row is replaced by the next row of the file: row 7 is read twice.
     assert sorted(ids) == sorted(list(range(N_GOOD)) + [7])
 
-    verified = build_csv_loader(str(dataset / "train.csv"), verify_images=True, **args)
+    verified = csv_loader(str(dataset / "train.csv"), verify_images=True, **args)
     assert verified.stats.skipped == Counter(missing_image=1, empty_caption=1, corrupt_image=1)
     ids, _ = epoch_ids(verified)
     assert sorted(ids) == list(range(N_GOOD)) and verified.stats.decode_errors == 0
@@ -110,7 +116,7 @@ def test_bad_rows_skipped_and_counted(dataset):
 
 def test_train_crops_are_deterministic_per_seed(dataset):
     def first_batch(seed):
-        loader = build_csv_loader(str(dataset / "clean.csv"), batch_size=8, image_size=24, tokenize=caption_id_tokenize,
+        loader = csv_loader(str(dataset / "clean.csv"), batch_size=8, image_size=24, tokenize=caption_id_tokenize,
                                   num_workers=1, seed=seed)
         return next(iter(loader))
 
@@ -130,7 +136,7 @@ def test_matches_open_clip_csv_dataset(dataset, monkeypatch, image_size):
     ref = data.CsvDataset("clean.csv", open_clip.image_transform(image_size, is_train=False), "filepath", "title",
                           sep="\t", tokenizer=lambda texts: captions.extend(texts) or caption_id_tokenize(texts))
     ref_images = torch.stack([ref[i][0] for i in range(len(ref))])
-    loader = build_csv_loader(str(dataset / "clean.csv"), batch_size=5, image_size=image_size, tokenize=caption_id_tokenize,
+    loader = csv_loader(str(dataset / "clean.csv"), batch_size=5, image_size=image_size, tokenize=caption_id_tokenize,
                               train=False, num_workers=0)
     images, tokens = map(torch.cat, zip(*loader))
     assert loader.rows.captions == captions
@@ -145,32 +151,32 @@ def test_matches_open_clip_csv_dataset(dataset, monkeypatch, image_size):
 def test_separator_and_columns(dataset, tmp_path):
     write_csv(tmp_path / "c.csv", [(str(dataset / "img" / "1.jpg"), "x 1"), (str(dataset / "img" / "2.jpg"), "x 2")],
               sep=",", header=("image", "caption"))
-    rows = read_csv_rows(str(tmp_path / "c.csv"), img_key="image", caption_key="caption", separator=",")
+    rows = read_csv_rows(str(tmp_path / "c.csv"), CsvColumns(img_key="image", caption_key="caption", separator=","))
     assert rows.captions == ["x 1", "x 2"] and rows.images == [str(dataset / "img" / f"{i}.jpg") for i in (1, 2)]
     with pytest.raises(ValueError, match=r"no column 'filepath' \(columns: \['image', 'caption'\]\); choose one with --csv-img-key"):
-        read_csv_rows(str(tmp_path / "c.csv"), separator=",")
+        read_csv_rows(str(tmp_path / "c.csv"), CsvColumns(separator=","))
     with pytest.raises(ValueError, match=r"no column 'title' .*--csv-caption-key"):
-        read_csv_rows(str(tmp_path / "c.csv"), img_key="image", separator=",")
+        read_csv_rows(str(tmp_path / "c.csv"), CsvColumns(img_key="image", separator=","))
     # The wrong separator: the header is one column, named in the error.
     with pytest.raises(ValueError, match=r"no column 'image' \(columns: \['image,caption'\]\)"):
-        read_csv_rows(str(tmp_path / "c.csv"), img_key="image", caption_key="caption")
+        read_csv_rows(str(tmp_path / "c.csv"), CsvColumns(img_key="image", caption_key="caption"))
 
 
 def test_bad_input(dataset, tmp_path):
     args = dict(batch_size=4, image_size=16, tokenize=caption_id_tokenize)
     with pytest.raises(FileNotFoundError, match="nothing.csv"):
-        build_csv_loader(str(tmp_path / "nothing.csv"), **args)
+        csv_loader(str(tmp_path / "nothing.csv"), **args)
     with pytest.raises(ValueError, match="backend must be 'auto' or 'torch'"):
-        build_csv_loader(str(dataset / "clean.csv"), backend="dali", **args)
+        csv_loader(str(dataset / "clean.csv"), backend="dali", **args)
     with pytest.raises(ValueError, match="separator must be one character"):
-        build_csv_loader(str(dataset / "clean.csv"), separator="::", **args)
+        csv_loader(str(dataset / "clean.csv"), separator="::", **args)
     with pytest.raises(ValueError, match="rank"):
-        build_csv_loader(str(dataset / "clean.csv"), rank=2, world_size=2, **args)
+        csv_loader(str(dataset / "clean.csv"), rank=2, world_size=2, **args)
     with pytest.raises(ValueError, match="batch_size=30 is larger"):
-        build_csv_loader(str(dataset / "clean.csv"), batch_size=30, image_size=16, tokenize=caption_id_tokenize)
+        csv_loader(str(dataset / "clean.csv"), batch_size=30, image_size=16, tokenize=caption_id_tokenize)
     write_csv(tmp_path / "empty.csv", [("img/none.jpg", "x 1")])
     with pytest.raises(ValueError, match=r"no usable rows \(skipped: \{'missing_image': 1\}\)"):
-        build_csv_loader(str(tmp_path / "empty.csv"), **args)
+        csv_loader(str(tmp_path / "empty.csv"), **args)
 
 
 def test_relative_to_csv_folder_then_working_directory(dataset, tmp_path, monkeypatch):

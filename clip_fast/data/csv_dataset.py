@@ -1,15 +1,17 @@
-"""Batches straight from open_clip's `--dataset-type csv` files (no make_shards step).
+"""open_clip's `--dataset-type csv` files read directly (no make_shards step).
 
-    loader = build_csv_loader("train.csv", img_key="filepath", caption_key="title", separator="\\t",
-                              batch_size=256, image_size=224, tokenize=tokenizer)
+    loader = build_loader("train.csv", batch_size=256, image_size=224, tokenize=tokenizer,
+                          csv=CsvColumns(img_key="filepath", caption_key="title", separator="\\t"))
     for epoch in range(epochs):
         loader.set_epoch(epoch)
         for images, tokens in loader:   # (B, 3, 224, 224), (B, 77) int64
             ...
 
-The returned loader has `build_loader`'s interface and semantics (set_epoch, len, stats,
-drop_last, device/dtype, open_clip's train/eval transforms through PIL), read by torch
-DataLoader workers. The epoch split, per epoch e:
+`clip_fast.data.loader.build_loader(path, ..., csv=CsvColumns(...))` returns a `CsvLoader`
+with the shard loaders' interface and semantics (set_epoch, len, stats, drop_last,
+device/dtype, open_clip's train/eval transforms through PIL), read by torch DataLoader
+workers. This module reads the file (`read_csv_rows`) and serves its rows (`CsvDataset`).
+The epoch split, per epoch e:
 
   1. the usable rows, in file order, are permuted with a generator seeded by (seed, e)
      that every rank shares (train; eval keeps the file order);
@@ -34,15 +36,24 @@ import os
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
-from typing import Callable
 
 import numpy as np
 import torch
 
-from .loader import TorchShardLoader, check_loader_args, pil_transform
+from .images import pil_transform
 from .shards import check_image_bytes
 
 log = logging.getLogger("clip_fast.data")
+
+
+@dataclass(frozen=True)
+class CsvColumns:
+    """Where a CSV file keeps its data: open_clip's --csv-img-key, --csv-caption-key and
+    --csv-separator (same defaults)."""
+
+    img_key: str = "filepath"
+    caption_key: str = "title"
+    separator: str = "\t"
 
 
 @dataclass
@@ -68,8 +79,9 @@ def _resolve(image: str, base: str) -> str:
     return image
 
 
-def _read_columns(path: str, img_key: str, caption_key: str, separator: str) -> tuple[list[str], list[str]]:
+def _read_columns(path: str, columns: CsvColumns) -> tuple[list[str], list[str]]:
     """(image column, caption column) of a CSV file; ValueError for a missing column."""
+    img_key, caption_key, separator = columns.img_key, columns.caption_key, columns.separator
     with open(path, newline="", encoding="utf-8") as f:
         reader = csv.reader(f, delimiter=separator)
         header = next(reader, None) or []
@@ -86,15 +98,15 @@ def _read_columns(path: str, img_key: str, caption_key: str, separator: str) -> 
     return images, captions
 
 
-def read_csv_rows(path: str, img_key: str = "filepath", caption_key: str = "title", separator: str = "\t",
-                  verify_images: bool = False, num_threads: int = 4) -> CsvRows:
+def read_csv_rows(path: str, columns: CsvColumns = CsvColumns(), verify_images: bool = False,
+                  num_threads: int = 4) -> CsvRows:
     """The rows of `path` that have a non-empty caption and an existing (with
     `verify_images`: decodable) image file, in file order; the others are counted by reason."""
     if not os.path.isfile(path):
         raise FileNotFoundError(f"CSV file not found: {path}")
-    if not isinstance(separator, str) or len(separator) != 1:
-        raise ValueError(f"separator must be one character, got {separator!r}")
-    images, captions = _read_columns(path, img_key, caption_key, separator)
+    if not isinstance(columns.separator, str) or len(columns.separator) != 1:
+        raise ValueError(f"separator must be one character, got {columns.separator!r}")
+    images, captions = _read_columns(path, columns)
     base = os.path.dirname(os.path.abspath(path))
     with ThreadPoolExecutor(max(1, num_threads)) as pool:  # stat/decode release the GIL
         checked = list(pool.map(lambda image: _check_row_image(image, base, verify_images), images))
@@ -121,7 +133,7 @@ def _check_row_image(image: str, base: str, verify: bool) -> tuple[str, str | No
     return path, None
 
 
-class _CsvDataset(torch.utils.data.Dataset):
+class CsvDataset(torch.utils.data.Dataset):
     """Map-style view over the usable rows: (uint8 (S, S, 3) image, caption, retries)."""
 
     def __init__(self, rows: CsvRows, image_size: int, train: bool, seed: int, epoch: int) -> None:
@@ -149,85 +161,3 @@ class _CsvDataset(torch.utils.data.Dataset):
             except Exception as e:  # PIL/OS errors of every kind
                 log.debug("row %d (%s) failed to load: %s", j, self.images[j], e)
         raise RuntimeError("no image of the CSV file could be decoded")
-
-
-class CsvLoader(TorchShardLoader):
-    """torch DataLoader + PIL over the rows of a CSV file (see the module docstring)."""
-
-    backend = "torch"
-
-    @property
-    def rows(self) -> CsvRows:
-        return self.shards[0]
-
-    def _plan(self, epoch: int) -> tuple[np.ndarray, int, int]:
-        """(row order shared by all ranks, first position of this rank's slice, slice length)."""
-        n, w, r = self.num_samples, self.world_size, self.rank
-        order = np.random.default_rng([self.seed, epoch]).permutation(n) if self.train else np.arange(n)
-        start, stop = r * n // w, (r + 1) * n // w
-        return order, start, stop - start
-
-    def _sample_plan(self, epoch: int) -> tuple[_CsvDataset, list[list[int]]]:
-        """The epoch's dataset over the usable rows and this rank's batches of row numbers."""
-        order, start, count = self._plan(epoch)
-        rows = order[start : start + count]
-        batches = [rows[i : i + self.batch_size].tolist() for i in range(0, count, self.batch_size)][: len(self)]
-        return _CsvDataset(self.rows, self.image_size, self.train, self.seed, epoch), batches
-
-    def _source_note(self) -> str:
-        return f" of {self.rows.path}"
-
-    def __repr__(self) -> str:
-        return (f"CsvLoader(path={self.rows.path!r}, samples={self.num_samples}, batch_size={self.batch_size}, "
-                f"image_size={self.image_size}, train={self.train}, rank={self.rank}/{self.world_size}, device={self.device})")
-
-
-def build_csv_loader(
-    path: str,
-    *,
-    img_key: str = "filepath",
-    caption_key: str = "title",
-    separator: str = "\t",
-    batch_size: int,
-    image_size: int,
-    tokenize: Callable[[list[str]], torch.Tensor],
-    train: bool = True,
-    backend: str = "auto",
-    rank: int = 0,
-    world_size: int = 1,
-    device: str | torch.device = "cpu",
-    dtype: torch.dtype = torch.float32,
-    num_workers: int = 2,
-    seed: int = 0,
-    drop_last: bool | None = None,
-    verify_images: bool = False,
-) -> CsvLoader:
-    """Build a loader over an open_clip CSV file (see the module docstring for the semantics).
-
-    Args:
-        path: the CSV file; img_key / caption_key: its image-path and caption columns
-            (open_clip's --csv-img-key / --csv-caption-key); separator: --csv-separator.
-        backend: "auto" or "torch" (DALI reads webdataset shards only: convert with make_shards).
-        verify_images: decode-check every image when building (bad ones are left out and
-            counted) instead of replacing them at run time.
-        The other arguments are `clip_fast.data.loader.build_loader`'s.
-    """
-    if backend not in ("auto", "torch"):
-        raise ValueError(f"backend must be 'auto' or 'torch' for a CSV file, got {backend!r} "
-                         "(the DALI reader needs webdataset shards: python -m clip_fast.data.make_shards)")
-    device = check_loader_args(batch_size=batch_size, image_size=image_size, tokenize=tokenize, rank=rank,
-                               world_size=world_size, device=device, dtype=dtype, num_workers=num_workers)
-    rows = read_csv_rows(os.fspath(path), img_key, caption_key, separator, verify_images, max(1, num_workers))
-    if rows.skipped:
-        log.warning("clip_fast.data: skipped %d row(s) of %s: %s", sum(rows.skipped.values()), path, dict(rows.skipped))
-    if not rows.images:
-        raise ValueError(f"{path}: no usable rows (skipped: {dict(rows.skipped)})")
-    drop_last = train if drop_last is None else drop_last
-    if drop_last and (len(rows) // world_size) // batch_size == 0:
-        raise ValueError(
-            f"batch_size={batch_size} is larger than this rank's share of the data "
-            f"({len(rows) // world_size} samples = {len(rows)} / world_size {world_size}) with drop_last=True"
-        )
-    return CsvLoader([rows], batch_size=batch_size, image_size=image_size, tokenize=tokenize, train=train, rank=rank,
-                     world_size=world_size, device=device, dtype=dtype, num_workers=num_workers, seed=seed,
-                     drop_last=drop_last, shuffle_buffer=1)  # shuffle_buffer: DALI's, unused here
