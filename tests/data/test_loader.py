@@ -11,7 +11,7 @@ from PIL import Image
 
 from clip_fast.data.loader import CLIP_MEAN, CLIP_STD, build_loader, dali_available
 from clip_fast.data.shards import ShardWriter, read_index, scan_shard
-from tests.support.shard_samples import caption_id_tokenize, jpeg, smooth_image, write_tar
+from tests.support.shard_samples import caption_id_tokenize, jpeg, smooth_image, write_smooth_shards, write_tar
 
 BACKENDS = ["torch", pytest.param("dali", marks=pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed"))]
 
@@ -25,13 +25,7 @@ def _private_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="module")
 def clean_shards(tmp_path_factory):
     """3 ShardWriter shards (trusted indexes), 53 samples of varying sizes."""
-    out = tmp_path_factory.mktemp("clean")
-    rng = np.random.default_rng(0)
-    with ShardWriter(out, shard_size=20) as w:
-        for i in range(53):
-            h, w_ = int(rng.integers(40, 120)), int(rng.integers(40, 120))
-            w.write(jpeg(smooth_image(rng, h, w_)), f"sample {i}")
-    return sorted(str(p) for p in out.glob("*.tar"))
+    return write_smooth_shards(tmp_path_factory.mktemp("clean"), 53, shard_size=20, seed=0, size_range=(40, 120))
 
 
 @pytest.fixture(scope="module")
@@ -360,12 +354,7 @@ def test_gpu_mixed_decode_matches_pil_eval(clean_shards):
 @pytest.fixture(scope="module")
 def equal_shards(tmp_path_factory):
     """4 shards of 10 samples each (ids 10 s .. 10 s + 9 in shard s)."""
-    out = tmp_path_factory.mktemp("equal")
-    rng = np.random.default_rng(5)
-    with ShardWriter(out, shard_size=10) as w:
-        for i in range(40):
-            w.write(jpeg(smooth_image(rng, 40, 48)), f"sample {i}")
-    return sorted(str(p) for p in out.glob("*.tar"))
+    return write_smooth_shards(tmp_path_factory.mktemp("equal"), 40, shard_size=10, seed=5, size=(40, 48))
 
 
 def _resampled(shards, rank, world_size, samples, batch_size=10, seed=7):

@@ -12,8 +12,7 @@ import torch
 from clip_fast.data import loader as loader_mod
 from clip_fast.data.loader import (DaliOptions, DaliShardLoader, TokenizeWorker, TorchShardLoader, build_loader,
                                    dali_available, dali_or_torch, prepare_tokens)
-from clip_fast.data.shards import ShardWriter
-from tests.support.shard_samples import caption_id_tokenize, jpeg, smooth_image
+from tests.support.shard_samples import caption_id_tokenize, write_smooth_shards
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
 BACKENDS = ["torch", pytest.param("dali", marks=needs_dali)]
@@ -27,12 +26,7 @@ def _private_cache(tmp_path_factory, monkeypatch):
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory):
     """2 ShardWriter shards, 29 samples of varying sizes."""
-    out = tmp_path_factory.mktemp("shards")
-    rng = np.random.default_rng(1)
-    with ShardWriter(out, shard_size=15) as w:
-        for i in range(29):
-            w.write(jpeg(smooth_image(rng, int(rng.integers(40, 90)), int(rng.integers(40, 90)))), f"sample {i}")
-    return sorted(str(p) for p in out.glob("*.tar"))
+    return write_smooth_shards(tmp_path_factory.mktemp("shards"), 29, shard_size=15, seed=1, size_range=(40, 90))
 
 
 def _word_tokenize(captions: list[str]) -> torch.Tensor:

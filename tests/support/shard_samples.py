@@ -1,6 +1,6 @@
 """Sample payloads for hand-made shards: smooth JPEG images that every resampler treats
-alike, and a caption "tokenizer" that returns the sample number, so loaders' outputs can
-be counted."""
+alike, shards of them, and a caption "tokenizer" that returns the sample number, so
+loaders' outputs can be counted."""
 import io
 import tarfile
 
@@ -37,3 +37,21 @@ def write_tar(path, members):
             info = tarfile.TarInfo(name)
             info.size = len(data)
             tf.addfile(info, io.BytesIO(data))
+
+
+def write_smooth_shards(out, count, shard_size, seed, size_range=None, size=None):
+    """ShardWriter shards in `out` of `count` smooth JPEGs captioned "sample i", each side
+    drawn from [size_range[0], size_range[1]) (height first) or the fixed (h, w) `size`;
+    returns the sorted tar paths."""
+    from clip_fast.data.shards import ShardWriter
+
+    rng = np.random.default_rng(seed)
+    with ShardWriter(out, shard_size=shard_size) as writer:
+        for i in range(count):
+            if size is None:
+                h = int(rng.integers(*size_range))
+                w = int(rng.integers(*size_range))
+            else:
+                h, w = size
+            writer.write(jpeg(smooth_image(rng, h, w)), f"sample {i}")
+    return sorted(str(p) for p in out.glob("*.tar"))

@@ -1,6 +1,6 @@
-"""Tiny CLIP models and batches for the GradCache tests: images, captions of mixed lengths
-(so the text tower cuts them into length buckets), both losses, every parameter's
-gradient, and a per-tensor relative-error check."""
+"""Tiny CLIP models and batches for the GradCache and text-tower tests: images, captions of
+mixed lengths (so the text tower cuts them into length buckets), both losses, every
+parameter's gradient, a per-tensor relative-error check, and the trim-is-exact check."""
 import torch
 
 from clip_fast import ContrastiveLoss, SigLipLoss
@@ -62,3 +62,20 @@ def assert_relative(actual: dict, expected: dict, tol: float) -> None:
         err = float((actual[name] - e).norm())
         bound = tol * max(float(e.norm()), 1.0 if float(e.norm()) == 0 else 0.0)
         assert err <= bound, f"{name}: |diff| {err:.3e} > {bound:.3e} (|ref| {float(e.norm()):.3e})"
+
+
+def assert_text_trim_is_exact(model: cf.CLIP, tokens: torch.Tensor, objective) -> None:
+    """The text tower cut to length buckets (trim=True) gives the features and the
+    gradients of objective(features) of the untrimmed pass (trim=False), for every text
+    parameter; for an fp64 model they agree to rounding."""
+    results = []
+    for trim in (True, False):
+        model.zero_grad()
+        features = model.encode_text(tokens, trim=trim)
+        objective(features).backward()
+        results.append((features.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (f_trim, g_trim), (f_full, g_full) = results
+    torch.testing.assert_close(f_trim, f_full, rtol=1e-10, atol=1e-12)
+    assert g_trim.keys() == g_full.keys()
+    for name in g_full:
+        torch.testing.assert_close(g_trim[name], g_full[name], rtol=1e-9, atol=1e-12, msg=lambda m: f"{name}: {m}")

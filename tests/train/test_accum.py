@@ -33,6 +33,7 @@ import pytest
 import torch
 
 from clip_fast import train as T
+from tests.support.demo_runs import small_demo
 
 EPS32 = torch.finfo(torch.float32).eps
 LOSS_RTOL = 4 * 16 * math.sqrt(16 * 16 * 3) * EPS32
@@ -41,20 +42,7 @@ LOSS_RTOL = 4 * 16 * math.sqrt(16 * 16 * 3) * EPS32
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """192 training captions (6 shards of 32): 3 global batches of 64 per epoch."""
-    from clip_fast.data.demo import ensure_demo_dataset
-
-    root = tmp_path_factory.mktemp("demo")
-    return ensure_demo_dataset(root, num_train=192, num_val=32, num_zeroshot_per_class=2, shard_size=32)
-
-
-@pytest.fixture(scope="module")
-def tokenizer_file(demo, tmp_path_factory):
-    """One trained tokenizer shared by the runs that are compared."""
-    from clip_fast.data.tokenizer import Tokenizer
-
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    Tokenizer.train(demo.captions, vocab_size=800).save(path)
-    return str(path)
+    return small_demo(tmp_path_factory, num_train=192)
 
 
 def _argv(demo, tokenizer_file, save_dir, name, *extra: str) -> list[str]:

@@ -28,27 +28,13 @@ import pytest
 import torch
 
 from clip_fast import train as T
+from tests.support.demo_runs import small_demo
 
 
 @pytest.fixture(scope="module")
 def demo(tmp_path_factory):
     """96 training captions (3 shards of 32), 32 validation, 2 zero-shot images per class."""
-    from clip_fast.data.demo import ensure_demo_dataset
-
-    root = tmp_path_factory.mktemp("demo")
-    return ensure_demo_dataset(root, num_train=96, num_val=32, num_zeroshot_per_class=2, shard_size=32)
-
-
-@pytest.fixture(scope="module")
-def tokenizer_file(demo, tmp_path_factory):
-    """One trained tokenizer shared by runs that are compared with each other (BPE
-    training in the `tokenizers` library breaks ties between equally frequent merges
-    differently from call to call)."""
-    from clip_fast.data.tokenizer import Tokenizer
-
-    path = tmp_path_factory.mktemp("tok") / "tokenizer.json"
-    Tokenizer.train(demo.captions, vocab_size=800).save(path)
-    return str(path)
+    return small_demo(tmp_path_factory, num_train=96)
 
 
 def _argv(demo, save_dir, name, *extra: str) -> list[str]:
