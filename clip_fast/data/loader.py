@@ -42,6 +42,7 @@ eval test images, measured with the same filter on CPU).
 """
 from __future__ import annotations
 
+import gc
 import io
 import logging
 import os
@@ -384,6 +385,12 @@ class TorchShardLoader(ShardLoader):
 
     def _load(self, dataset: torch.utils.data.Dataset, batches: list[list[int]]):
         on_cpu = self.device.type == "cpu"
+        if self.num_workers > 0:
+            # Workers are forked. Garbage that is still waiting for the cycle collector
+            # (a DALI pipeline after the DALI fallback, say) must be freed here: freed
+            # in a forked worker, a DALI pipeline's destructor waits forever on a lock
+            # copied from this process.
+            gc.collect()
         loader = torch.utils.data.DataLoader(
             dataset,
             batch_sampler=batches,

@@ -3,6 +3,7 @@
 stream handover is GPU-marked."""
 from __future__ import annotations
 
+import subprocess
 import threading
 
 import numpy as np
@@ -12,6 +13,7 @@ import torch
 from clip_fast.data import loader as loader_mod
 from clip_fast.data.loader import (DaliOptions, DaliShardLoader, TokenizeWorker, TorchShardLoader, build_loader,
                                    dali_available, dali_or_torch, prepare_tokens)
+from tests.support.processes import run_python
 from tests.support.shard_samples import caption_id_tokenize, write_smooth_shards
 
 needs_dali = pytest.mark.skipif(not dali_available(), reason="nvidia-dali not installed")
@@ -239,3 +241,44 @@ def test_gpu_tokens_are_pinned_and_transferred(shards):
     _, tokens = next(iter(loader))
     assert tokens.is_cuda and tokens.shape[1] % 16 == 0
     assert prepare_tokens(_word_tokenize(["a"]), pin=True).is_pinned()
+
+_FORK_AFTER_DALI = """
+import gc
+import sys
+
+import torch.utils.data._utils.worker as worker
+
+from clip_fast.data.loader import build_loader
+from tests.support.shard_samples import caption_id_tokenize
+
+loop = worker._worker_loop
+
+
+def collecting_loop(*args, **kwargs):  # a worker whose cycle collector runs at once
+    gc.collect()
+    return loop(*args, **kwargs)
+
+
+worker._worker_loop = collecting_loop
+shards = sys.argv[1:]
+gc.disable()  # the garbage below survives until the torch loader forks its worker
+dali = build_loader(shards, 4, 32, caption_id_tokenize, train=False, backend="dali", num_workers=1)
+next(iter(dali))
+dali.cycle = dali  # only the cycle collector can free it
+del dali
+loader = build_loader(shards, 4, 32, caption_id_tokenize, train=False, backend="torch", num_workers=1)
+print(sum(len(images) for images, _ in loader))
+"""
+
+
+@needs_dali
+def test_torch_workers_fork_safely_after_a_dali_pipeline(shards):
+    # A DALI pipeline left as cyclic garbage (the DALI fallback drops one) used to be freed
+    # inside a forked DataLoader worker, whose destructor then waited forever on a lock
+    # copied from the parent: the epoch hung (seen once in a full test run).
+    try:
+        result = run_python(["-c", _FORK_AFTER_DALI, *shards], timeout=120)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the torch loader's forked worker hung after a DALI pipeline was dropped")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert int(result.stdout.split()[-1]) == 29
